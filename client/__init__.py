@@ -1,0 +1,1 @@
+"""The longbatch client library and CLI."""

@@ -1,0 +1,1 @@
+"""Generated from protos/longbatch/v1 by tools/genproto.py."""

@@ -1,0 +1,1 @@
+"""The longbatch server: gRPC services, SQLite store and batch executor."""
