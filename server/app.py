@@ -1,0 +1,118 @@
+"""The composition root: builds the server and shuts it down in order."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.longrunning import operations_pb2_grpc
+from grpc_health.v1 import _async as health_aio  # the public `health.aio` alias is missing from grpc-stubs
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from longbatch.v1 import batch_pb2_grpc, model_pb2_grpc
+
+from .backends import create_backend
+from .config import ServerConfig
+from .edge import Authenticator, EdgeInterceptor
+from .executor import Executor, ModelRuntime
+from .files import FileStorage
+from .manager import BatchManager
+from .notifier import Notifier
+from .outputs import Outputs
+from .paging import PageTokens
+from .reflection import enable_reflection
+from .services.batches import BatchService
+from .services.models import ModelService
+from .services.operations import OperationsService
+from .sqlite_store import SQLiteStore
+
+log = logging.getLogger("longbatch")
+
+SERVICE_NAMES = (
+    "longbatch.v1.BatchService",
+    "longbatch.v1.ModelService",
+    "google.longrunning.Operations",
+    health.SERVICE_NAME,
+)
+
+
+@dataclass
+class Running:
+    """A started server: its port and the parts that must stop in order."""
+
+    port: int
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    executor: Executor
+    store: SQLiteStore
+    grace_s: float
+    _stopped: bool = False
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, finish in-flight RPCs, stop the executor, close
+        the store. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.grace_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.executor.stop(grace)
+        await self.store.close()
+        log.info("longbatch stopped")
+
+
+async def start_server(config: ServerConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> Running:
+    """Build every part, bind ``host:port`` (0 picks a free port) and start."""
+    store = SQLiteStore(data_dir / "longbatch.db")
+    await store.open()
+    try:
+        return await _assemble(config, data_dir, store, host, port)
+    except BaseException:
+        await store.close()
+        raise
+
+
+async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int) -> Running:
+    files = FileStorage(data_dir / "files")
+    files.prepare()
+    notifier = Notifier()
+    outputs = Outputs(store, files, config.limits.max_inline_output)
+    runtimes = {
+        m.name: ModelRuntime(name=m.name, backend=create_backend(m), max_concurrency=m.max_concurrency)
+        for m in config.models
+    }
+    executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s)
+    tokens = PageTokens(await store.secret("page-token-key"))
+    models = {m.name: m for m in config.models}
+    manager = BatchManager(store, executor, outputs, notifier, files, models, config.limits, tokens)
+
+    # Room for a maximal create call plus protobuf framing; larger messages
+    # are refused by gRPC with RESOURCE_EXHAUSTED before reaching a handler.
+    max_message = config.limits.max_create_bytes + (1 << 20)
+    server = grpc.aio.server(
+        interceptors=[EdgeInterceptor(Authenticator(config.api_keys))],
+        options=[
+            ("grpc.max_receive_message_length", max_message),
+            ("grpc.max_send_message_length", max_message),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), server)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), server)
+    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server, SERVICE_NAMES)
+
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    await executor.start()
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return Running(bound, server, health_servicer, executor, store, config.grace_period_s)

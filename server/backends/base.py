@@ -1,0 +1,46 @@
+"""The backend seam: how the executor asks a model for one response."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from google.rpc import code_pb2
+
+from longbatch.v1 import content_pb2
+
+# Codes worth another attempt: the backend may well answer next time.
+RETRYABLE_CODES = frozenset({code_pb2.UNAVAILABLE, code_pb2.RESOURCE_EXHAUSTED, code_pb2.DEADLINE_EXCEEDED})
+
+
+class BackendError(Exception):
+    """A request the backend could not answer.
+
+    Attributes:
+        code: google.rpc.Code for the item's error.
+        retryable: whether another attempt may succeed (429, 5xx, timeouts).
+        retry_after_s: the backend's Retry-After hint, seconds, if any.
+    """
+
+    def __init__(self, code: int, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        """True for transient failures."""
+        return self.code in RETRYABLE_CODES
+
+
+class Backend(Protocol):
+    """A model server that answers one request at a time (concurrently)."""
+
+    async def generate(self, request: content_pb2.GenerateContentRequest) -> content_pb2.GenerateContentResponse:
+        """Answer one generation request or raise BackendError."""
+
+    async def embed(self, request: content_pb2.EmbedContentRequest) -> content_pb2.EmbedContentResponse:
+        """Answer one embedding request or raise BackendError."""
+
+    async def aclose(self) -> None:
+        """Release connections."""

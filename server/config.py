@@ -1,0 +1,249 @@
+"""Server configuration: frozen dataclasses read from a TOML file.
+
+Library code never reads the environment; `longbatch serve` resolves flags and
+``LONGBATCH_*`` variables and passes the result here.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30,
+               "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+
+
+class ConfigError(ValueError):
+    """The config file is missing, not TOML, or holds a bad value."""
+
+
+def parse_duration(value: str | int | float, what: str) -> float:
+    """Parse ``"50ms"``, ``"24h"`` or a number of seconds into seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration like '30s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(value)
+        if not m:
+            raise ConfigError(f"{what}: expected a duration like '50ms', '30s', '24h', got {value!r}")
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if seconds < 0:
+        raise ConfigError(f"{what}: must not be negative")
+    return seconds
+
+
+def parse_size(value: str | int, what: str) -> int:
+    """Parse ``"4MiB"`` or a number of bytes into bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.match(value)):
+        size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{what}: expected a size like '4MiB', got {value!r}")
+    if size < 0:
+        raise ConfigError(f"{what}: must not be negative")
+    return size
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits on what clients may send and how long things live."""
+
+    max_inlined_requests: int = 10_000
+    """Requests per inlined create call."""
+    max_create_bytes: int = 20 << 20
+    """Bytes of one create call (20 MiB); also the gRPC receive limit."""
+    max_request_bytes: int = 1 << 20
+    """Bytes of one serialized request inside a batch (1 MiB)."""
+    max_inline_output: int = 4 << 20
+    """Bytes of inline output (4 MiB); larger outputs go to a responses file."""
+    batch_ttl_s: float = 24 * 3600.0
+    """Seconds a batch may take before it becomes EXPIRED (24 h)."""
+    file_ttl_s: float = 48 * 3600.0
+    """Seconds an uploaded file lives (48 h)."""
+    request_id_ttl_s: float = 24 * 3600.0
+    """Seconds a create ``request_id`` stays deduplicated (24 h)."""
+    max_file_bytes: int = 2 << 30
+    """Bytes of one uploaded file (2 GiB)."""
+    max_file_lines: int = 5_000_000
+    """Request lines of one file batch."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A model name bound to a backend."""
+
+    name: str
+    """Resource name, ``models/{model}``."""
+    backend: str = "echo"
+    """Backend kind; built in: ``echo``."""
+    max_concurrency: int = 64
+    """Requests of this model that run at once."""
+    latency_s: float = 0.0
+    """Simulated latency per request, seconds (echo only)."""
+    display_name: str = ""
+    """Human-readable name."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Backend-specific options, passed through."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key and the tenant it acts for."""
+
+    key: str
+    """The secret key."""
+    tenant: str
+    """Tenant whose resources the key sees."""
+
+    def __repr__(self) -> str:  # keys must never reach a log
+        return f"ApiKey(key='***', tenant={self.tenant!r})"
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """Tuning of the background executor."""
+
+    max_attempts: int = 4
+    """Attempts per request for transient backend errors."""
+    backoff_initial_s: float = 0.2
+    """First retry delay, seconds; doubles each attempt, with jitter."""
+    backoff_max_s: float = 10.0
+    """Cap on one retry delay, seconds."""
+    request_timeout_s: float = 300.0
+    """Per-call backend timeout, seconds."""
+    flush_interval_s: float = 0.02
+    """How long finished results may wait before being persisted, seconds."""
+    flush_max_items: int = 512
+    """Results persisted per transaction at most."""
+
+
+DEFAULT_MODELS = (
+    ModelConfig(name="models/echo", backend="echo", max_concurrency=64, display_name="Echo (test model)"),
+    ModelConfig(name="models/echo-slow", backend="echo", max_concurrency=16, latency_s=0.05,
+                display_name="Echo with 50 ms latency (test model)"),
+)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server needs besides where to listen."""
+
+    models: tuple[ModelConfig, ...] = DEFAULT_MODELS
+    """Models by name; the built-in echo models unless the config sets any."""
+    api_keys: tuple[ApiKey, ...] = ()
+    """API keys; none means open, one tenant, loopback only."""
+    limits: Limits = field(default_factory=Limits)
+    """Input limits and lifetimes."""
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    """Executor tuning."""
+    webhook_secret: str = ""
+    """HMAC-SHA256 key for webhook signatures; empty means unsigned."""
+    grace_period_s: float = 10.0
+    """Seconds in-flight RPCs get to finish on shutdown."""
+
+
+def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = table[key]
+    # bool is an int subclass, but `max_concurrency = true` is a mistake.
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any]) -> ServerConfig:
+    """Build a ServerConfig from parsed TOML, rejecting unknown keys."""
+    known = {"limits", "models", "api_keys", "webhooks", "executor", "server"}
+    if unknown := set(data) - known:
+        raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
+    lim = data.get("limits", {})
+    kw: dict[str, Any] = {}
+    for key, value in lim.items():
+        if key in ("max_inlined_requests", "max_file_lines"):
+            kw[key] = _get(lim, key, int, "limits")
+        elif key in ("max_inline_output", "max_create_bytes", "max_request_bytes", "max_file_bytes"):
+            kw[key] = parse_size(value, f"limits.{key}")
+        elif key in ("batch_ttl", "file_ttl", "request_id_ttl"):
+            kw[f"{key}_s"] = parse_duration(value, f"limits.{key}")
+        else:
+            raise ConfigError(f"unknown key limits.{key}")
+    limits = Limits(**kw)
+
+    models: list[ModelConfig] = []
+    for i, m in enumerate(data.get("models", [])):
+        where = f"models[{i}]"
+        if "name" not in m:
+            raise ConfigError(f"{where}.name is required")
+        name = _get(m, "name", str, where)
+        if not re.fullmatch(r"models/[a-z0-9][a-z0-9._-]{0,62}", name):
+            raise ConfigError(f"{where}.name must look like 'models/my-model', got {name!r}")
+        extra = {k: v for k, v in m.items() if k not in ("name", "backend", "max_concurrency", "latency",
+                                                         "display_name")}
+        models.append(ModelConfig(
+            name=name,
+            backend=_get(m, "backend", str, where) if "backend" in m else "echo",
+            max_concurrency=_get(m, "max_concurrency", int, where) if "max_concurrency" in m else 64,
+            latency_s=parse_duration(m["latency"], f"{where}.latency") if "latency" in m else 0.0,
+            display_name=_get(m, "display_name", str, where) if "display_name" in m else "",
+            options=extra,
+        ))
+        if models[-1].max_concurrency < 1:
+            raise ConfigError(f"{where}.max_concurrency must be at least 1")
+    if len({m.name for m in models}) != len(models):
+        raise ConfigError("models: duplicate model names")
+
+    keys = []
+    for i, k in enumerate(data.get("api_keys", [])):
+        where = f"api_keys[{i}]"
+        if "key" not in k or "tenant" not in k:
+            raise ConfigError(f"{where}: needs key and tenant")
+        keys.append(ApiKey(key=_get(k, "key", str, where), tenant=_get(k, "tenant", str, where)))
+        if not keys[-1].key or not keys[-1].tenant:
+            raise ConfigError(f"{where}: key and tenant must not be empty")
+    if len({k.key for k in keys}) != len(keys):
+        raise ConfigError("api_keys: duplicate keys")
+
+    hooks = data.get("webhooks", {})
+    secret = _get(hooks, "secret", str, "webhooks") if "secret" in hooks else ""
+
+    ex = data.get("executor", {})
+    ex_kw: dict[str, Any] = {}
+    for key, value in ex.items():
+        if key in ("max_attempts", "flush_max_items"):
+            ex_kw[key] = _get(ex, key, int, "executor")
+        elif key in ("backoff_initial", "backoff_max", "request_timeout", "flush_interval"):
+            ex_kw[f"{key}_s"] = parse_duration(value, f"executor.{key}")
+        else:
+            raise ConfigError(f"unknown key executor.{key}")
+
+    srv = data.get("server", {})
+    grace = parse_duration(srv["grace_period"], "server.grace_period") if "grace_period" in srv else 10.0
+    return ServerConfig(
+        models=tuple(models) if models else DEFAULT_MODELS,
+        api_keys=tuple(keys),
+        limits=limits,
+        executor=ExecutorSettings(**ex_kw),
+        webhook_secret=secret,
+        grace_period_s=grace,
+    )
+
+
+def load_config(path: Path | None) -> ServerConfig:
+    """Read a TOML config file; ``None`` gives the embedded defaults."""
+    if path is None:
+        return ServerConfig()
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from e
+    return config_from_dict(data)

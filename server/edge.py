@@ -1,0 +1,169 @@
+"""The gRPC edge: API-key auth, tenant scoping and error mapping.
+
+One interceptor wraps every method handler so that servicers never deal with
+either concern: a handler sees the caller's tenant through ``current_tenant()``
+and raises ``ServiceError``s; anything else it raises is logged and answered
+INTERNAL with a generic message, so no client ever sees UNKNOWN or a
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
+
+import grpc
+from google.rpc import status_pb2
+
+from .config import ApiKey
+from .errors import Internal, ServiceError, Unauthenticated
+
+log = logging.getLogger("longbatch.edge")
+
+OPEN_TENANT = "default"
+"""The tenant of every caller when no API keys are configured."""
+
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("longbatch_tenant")
+
+# Health and reflection must answer load balancers and grpcurl without a key.
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def current_tenant() -> str:
+    """The tenant of the RPC being handled."""
+    return _tenant.get()
+
+
+async def abort_with_status(context: grpc.aio.ServicerContext[Any, Any], status: status_pb2.Status) -> None:
+    """End the call with ``status``, identical in the status and its details.
+
+    api-core raises a bare ValueError when the two disagree, so both come from
+    one message.
+    """
+    await context.abort(
+        grpc.StatusCode(_code_tuple(status.code)),
+        status.message,
+        trailing_metadata=((_STATUS_DETAILS_KEY, status.SerializeToString()),),
+    )
+
+
+def _code_tuple(code: int) -> tuple[int, str]:
+    for sc in grpc.StatusCode:
+        if sc.value[0] == code:
+            return sc.value  # type: ignore[no-any-return]
+    return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
+
+
+class Authenticator:
+    """Maps an API key from request metadata to a tenant, in constant time."""
+
+    def __init__(self, keys: Sequence[ApiKey]) -> None:
+        self._keys = [(k.key.encode(), k.tenant) for k in keys]
+
+    @property
+    def open(self) -> bool:
+        """True when no keys are configured: every caller is one tenant."""
+        return not self._keys
+
+    def tenant_for(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+        """Return the caller's tenant or raise Unauthenticated."""
+        if self.open:
+            return OPEN_TENANT
+        presented: str | None = None
+        for key, value in metadata or ():
+            if isinstance(value, bytes):
+                continue
+            if key == "x-goog-api-key":
+                presented = value.strip()
+            elif key == "authorization" and value[:7].lower() == "bearer ":
+                presented = value[7:].strip()
+        if not presented:
+            raise Unauthenticated(
+                "missing API key: send it as 'x-goog-api-key: KEY' or 'authorization: Bearer KEY'",
+                reason="API_KEY_MISSING",
+            )
+        candidate = presented.encode()
+        tenant = None
+        # Compare against every key so the time taken says nothing about which
+        # keys exist or how much of one matched.
+        for key_bytes, key_tenant in self._keys:
+            if hmac.compare_digest(candidate, key_bytes):
+                tenant = key_tenant
+        if tenant is None:
+            raise Unauthenticated("API key not valid", reason="API_KEY_INVALID")
+        return tenant
+
+
+Behavior = Callable[..., Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Authenticates each call and maps every exception to a proper status."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self._auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED
+            return handler  # type: ignore[unreachable]
+        method: str = handler_call_details.method
+        public = method.startswith(_PUBLIC_PREFIXES)
+        metadata = handler_call_details.invocation_metadata
+        return _wrap(handler, method, None if public else lambda: self._auth.tenant_for(metadata))
+
+
+def _wrap(handler: Handler, method: str, authenticate: Callable[[], str] | None) -> Handler:
+    def enter() -> None:
+        _tenant.set(authenticate() if authenticate else OPEN_TENANT)
+
+    async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
+        if isinstance(exc, ServiceError):
+            await abort_with_status(context, exc.to_status())
+        log.error("unexpected error in %s", method, exc_info=exc)
+        await abort_with_status(context, Internal("internal error; see the server log").to_status())
+
+    def unary(behavior: Behavior) -> Behavior:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                enter()
+                return await behavior(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+
+        return call
+
+    def streaming(behavior: Behavior) -> Behavior:
+        async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            try:
+                enter()
+                async for item in behavior(request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await fail(context, exc)
+
+        return call
+
+    h: Any = handler
+    ser, deser = h.response_serializer, h.request_deserializer
+    if h.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(h.unary_unary), deser, ser)
+    if h.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(streaming(h.unary_stream), deser, ser)
+    if h.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(h.stream_unary), deser, ser)
+    return grpc.stream_stream_rpc_method_handler(streaming(h.stream_stream), deser, ser)

@@ -1,0 +1,370 @@
+"""The background executor: runs batch requests against model backends.
+
+Per model, ``max_concurrency`` long-lived workers pull requests from a
+scheduler that serves the highest-priority batch first, FIFO among equals.
+Finished requests flow through a bounded queue to one writer that persists
+them in transactions of up to ``flush_max_items``; a request counts only once
+it is persisted. Batches end through one path, ``finish``, serialized per
+batch, so a Cancel racing completion yields exactly one final state.
+
+On start, every batch that is not done is resumed: requests already persisted
+are never run again; those that were in flight when the process died run
+again (their results were never recorded).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.rpc import code_pb2, status_pb2
+
+from longbatch.v1 import content_pb2
+
+from .backends import Backend, BackendError
+from .config import ExecutorSettings
+from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
+from .notifier import Notifier
+from .outputs import Outputs
+from .store import Store
+
+log = logging.getLogger("longbatch.executor")
+
+_REFILL = 1024
+_YIELD_EVERY = 64
+_CANCELLED = status_pb2.Status(code=code_pb2.CANCELLED, message="batch was cancelled before this request ran")
+_EXPIRED = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="batch expired before this request finished")
+_REST = {
+    State.SUCCEEDED: (ItemStatus.CANCELLED, _CANCELLED),
+    State.FAILED: (ItemStatus.CANCELLED, _CANCELLED),
+    State.CANCELLED: (ItemStatus.CANCELLED, _CANCELLED),
+    State.EXPIRED: (ItemStatus.EXPIRED, _EXPIRED),
+}
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """A configured model with its live backend."""
+
+    name: str
+    backend: Backend
+    max_concurrency: int
+
+
+@dataclass(eq=False)
+class _Run:
+    """Scheduling state of one batch that still has requests to run."""
+
+    batch_id: str
+    seq: int
+    kind: BatchKind
+    priority: int
+    buffer: deque[PendingItem] = field(default_factory=deque)
+    cursor: int = 0
+    exhausted: bool = False
+    refilling: bool = False
+    started: bool = False
+
+
+class _ModelQueue:
+    """The runs of one model, in priority order, and a wake-up for workers."""
+
+    def __init__(self) -> None:
+        self.runs: list[_Run] = []
+        self.wakeup = asyncio.Event()
+
+    def add(self, run: _Run) -> None:
+        self.runs.append(run)
+        self.reorder()
+
+    def reorder(self) -> None:
+        self.runs.sort(key=lambda r: (-r.priority, r.seq))
+        self.wakeup.set()
+
+
+class Executor:
+    """Runs batches; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        models: Mapping[str, ModelRuntime],
+        settings: ExecutorSettings,
+        outputs: Outputs,
+        notifier: Notifier,
+        batch_ttl_s: float,
+    ) -> None:
+        self._store = store
+        self._models = models
+        self._settings = settings
+        self._outputs = outputs
+        self._notifier = notifier
+        self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
+        self._queues = {name: _ModelQueue() for name in models}
+        self._runs: dict[str, tuple[_Run, _ModelQueue]] = {}
+        self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4 * settings.flush_max_items)
+        self._finish_locks: dict[str, asyncio.Lock] = {}
+        self._workers: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[Any]] = set()
+        self._writer: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.on_terminal: Callable[[Batch], None] | None = None
+        """Called with each batch that becomes done (webhooks hook in here)."""
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume unfinished batches and start the workers."""
+        for batch in await self._store.unfinished_batches():
+            if batch.state.terminal:
+                self._spawn(self.finish(batch.id, batch.state, None))
+            else:
+                self.submit(batch)
+        self._writer = asyncio.create_task(self._write_loop(), name="longbatch-writer")
+        for name, model in self._models.items():
+            for i in range(model.max_concurrency):
+                self._workers.append(asyncio.create_task(self._worker(name, model), name=f"worker-{name}-{i}"))
+        self._sweeper = asyncio.create_task(self._expire_loop(), name="longbatch-expiry")
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking work, let in-flight requests finish for up to ``grace_s``,
+        persist what finished, then cancel the rest. Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for q in self._queues.values():
+            q.wakeup.set()
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self._workers:
+            _, pending = await asyncio.wait(self._workers, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+        if self._writer:
+            await self._results.join()
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
+        if self._background:
+            await asyncio.wait(self._background, timeout=grace_s)
+        for task in list(self._background):
+            task.cancel()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- scheduling -------------------------------------------------------------
+
+    def submit(self, batch: Batch) -> None:
+        """Schedule a stored batch that is not done."""
+        queue = self._queues.get(batch.model)
+        if queue is None:
+            # The model was removed from the config while the batch waited.
+            error = status_pb2.Status(code=code_pb2.NOT_FOUND, message=f"model {batch.model} is not configured")
+            self._spawn(self.finish(batch.id, State.FAILED, error))
+            return
+        if batch.id in self._runs:
+            return
+        if batch.request_count and batch.pending == 0:
+            self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
+            return
+        run = _Run(batch.id, batch.seq, batch.kind, batch.priority, started=batch.state is State.RUNNING)
+        self._runs[batch.id] = (run, queue)
+        queue.add(run)
+
+    def reprioritize(self, batch_id: str, priority: int) -> None:
+        """Apply a new priority to the requests not yet started."""
+        entry = self._runs.get(batch_id)
+        if entry:
+            entry[0].priority = priority
+            entry[1].reorder()
+
+    def _unschedule(self, batch_id: str) -> None:
+        entry = self._runs.pop(batch_id, None)
+        if entry:
+            run, queue = entry
+            run.buffer.clear()
+            run.exhausted = True
+            if run in queue.runs:
+                queue.runs.remove(run)
+
+    def _next(self, queue: _ModelQueue) -> tuple[_Run, PendingItem] | None:
+        for run in queue.runs:
+            if len(run.buffer) < _REFILL // 2 and not run.exhausted and not run.refilling:
+                run.refilling = True
+                self._spawn(self._refill(run, queue))
+            if run.buffer:
+                return run, run.buffer.popleft()
+        return None
+
+    async def _refill(self, run: _Run, queue: _ModelQueue) -> None:
+        try:
+            if not run.started:
+                run.started = True
+                await self._store.mark_running(run.batch_id)
+            items = await self._store.pending_items(run.batch_id, run.cursor, _REFILL)
+        except Exception:
+            log.exception("reading requests of batches/%s failed; retrying", run.batch_id)
+            await asyncio.sleep(1.0)
+            run.refilling = False
+            queue.wakeup.set()
+            return
+        if self._runs.get(run.batch_id, (None,))[0] is run:
+            run.buffer.extend(items)
+            if items:
+                run.cursor = items[-1].idx + 1
+            if len(items) < _REFILL:
+                run.exhausted = True
+                if not run.buffer and run in queue.runs:
+                    queue.runs.remove(run)  # everything dispatched; the writer finishes it
+        run.refilling = False
+        queue.wakeup.set()
+
+    # -- running requests -------------------------------------------------------
+
+    async def _worker(self, model_name: str, model: ModelRuntime) -> None:
+        queue = self._queues[model_name]
+        done_without_yield = 0
+        while not self._stopping:
+            picked = self._next(queue)
+            if picked is None:
+                queue.wakeup.clear()
+                await queue.wakeup.wait()
+                continue
+            run, item = picked
+            outcome = await self._execute(model, run, item)
+            await self._results.put(outcome)
+            done_without_yield += 1
+            if done_without_yield >= _YIELD_EVERY:
+                # A backend that never suspends (echo) must not starve the loop.
+                done_without_yield = 0
+                await asyncio.sleep(0)
+
+    async def _execute(self, model: ModelRuntime, run: _Run, item: PendingItem) -> Outcome:
+        settings = self._settings
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with asyncio.timeout(settings.request_timeout_s):
+                    result = await self._call(model.backend, run.kind, item.payload)
+                return Outcome(run.batch_id, item.idx, ItemStatus.SUCCEEDED, result)
+            except BackendError as e:
+                error, retryable, retry_after = e.code, e.retryable, e.retry_after_s
+                message = e.message
+            except TimeoutError:
+                error, retryable, retry_after = code_pb2.DEADLINE_EXCEEDED, True, None
+                message = f"backend did not answer within {settings.request_timeout_s:g}s"
+            except Exception:
+                log.exception("backend of %s failed on batches/%s[%d]", model.name, run.batch_id, item.idx)
+                error, retryable, retry_after = code_pb2.INTERNAL, False, None
+                message = "the backend failed on this request; see the server log"
+            if not retryable or attempt >= settings.max_attempts or self._stopping or run.batch_id not in self._runs:
+                status = status_pb2.Status(code=error, message=message)
+                return Outcome(run.batch_id, item.idx, ItemStatus.FAILED, status.SerializeToString())
+            delay = min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** (attempt - 1))
+            delay = random.uniform(delay / 2, delay)
+            if retry_after is not None:
+                delay = max(delay, min(retry_after, settings.backoff_max_s * 6))
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _call(backend: Backend, kind: BatchKind, payload: bytes) -> bytes:
+        if kind is BatchKind.GENERATE:
+            return (await backend.generate(content_pb2.GenerateContentRequest.FromString(payload))).SerializeToString()
+        return (await backend.embed(content_pb2.EmbedContentRequest.FromString(payload))).SerializeToString()
+
+    # -- persisting ---------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        settings = self._settings
+        while True:
+            pending = [await self._results.get()]
+            self._drain(pending)
+            if len(pending) < settings.flush_max_items and settings.flush_interval_s > 0:
+                await asyncio.sleep(settings.flush_interval_s)
+                self._drain(pending)
+            try:
+                touched = await self._store.record_outcomes(pending)
+            except Exception:
+                # Unrecorded results stay PENDING in the store and run again
+                # after a restart; nothing is counted that was not persisted.
+                log.exception("persisting %d results failed", len(pending))
+                touched = {}
+            finally:
+                for _ in pending:
+                    self._results.task_done()
+            for batch in touched.values():
+                if not batch.done and batch.pending == 0 and not batch.state.terminal:
+                    self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
+
+    def _drain(self, into: list[Outcome]) -> None:
+        limit = self._settings.flush_max_items
+        while len(into) < limit:
+            try:
+                into.append(self._results.get_nowait())
+            except asyncio.QueueEmpty:
+                return
+
+    # -- ending batches -------------------------------------------------------------
+
+    async def cancel(self, batch_id: str) -> Batch | None:
+        """Cancel a batch: finished results stay, the rest become CANCELLED."""
+        return await self.finish(batch_id, State.CANCELLED, _CANCELLED_BATCH)
+
+    async def finish(self, batch_id: str, state: State, error: status_pb2.Status | None) -> Batch | None:
+        """Bring a batch to a terminal state exactly once and make it done.
+
+        Idempotent, and safe across restarts: a batch closed but not yet done
+        (the process died in between) is finished with the state it has.
+        """
+        lock = self._finish_locks.setdefault(batch_id, asyncio.Lock())
+        try:
+            async with lock:
+                batch = await self._store.get_batch(None, batch_id)
+                if batch is None or batch.done:
+                    return batch
+                self._unschedule(batch_id)
+                rest, rest_status = _REST[state]
+                closed = await self._store.close_batch(
+                    batch_id, state, error.SerializeToString() if error else None, rest,
+                    rest_status.SerializeToString(),
+                )
+                if closed is None:
+                    return None
+                output_file = await self._outputs.write_if_large(closed)
+                final = await self._store.mark_done(batch_id, output_file)
+        finally:
+            if not lock.locked():
+                self._finish_locks.pop(batch_id, None)
+        self._notifier.done(batch_id)
+        if final is not None:
+            log.info("%s %s: %d ok, %d failed, %d cancelled, %d expired", final.name, final.state.name,
+                     final.succeeded, final.failed, final.cancelled, final.expired)
+            if self.on_terminal:
+                self.on_terminal(final)
+        return final
+
+    async def _expire_loop(self) -> None:
+        interval = max(0.05, min(30.0, self._batch_ttl_us / 1_000_000 / 20))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                for batch_id in await self._store.expired_batches(now_us() - self._batch_ttl_us):
+                    await self.finish(batch_id, State.EXPIRED, _EXPIRED_BATCH)
+            except Exception:
+                log.exception("expiry sweep failed")
+
+
+_CANCELLED_BATCH = status_pb2.Status(code=code_pb2.CANCELLED, message="batch was cancelled")
+_EXPIRED_BATCH = status_pb2.Status(
+    code=code_pb2.DEADLINE_EXCEEDED, message="batch did not finish within the server's batch TTL"
+)

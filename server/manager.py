@@ -1,0 +1,185 @@
+"""Batch use cases, between the gRPC servicers and the store/executor.
+
+Servicers parse and convert; the rules of API.md section 4 live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from .config import Limits, ModelConfig
+from .domain import Batch, NewBatch, ResultRow
+from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .executor import Executor
+from .files import FileStorage, new_id
+from .filters import BATCH_FILTER_FIELDS, FilterError, compile_filter
+from .notifier import Notifier
+from .outputs import Outputs
+from .paging import PageTokenError, PageTokens, clamp_page_size
+from .store import Store, StoreConflict
+from .validate import ValidBatch
+
+MAX_WAIT_S = 600.0
+DEFAULT_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class BatchView:
+    """A batch with its output (set once done)."""
+
+    batch: Batch
+    output: bytes | None
+
+
+class BatchManager:
+    """Creates, reads, changes and ends batches for one tenant at a time."""
+
+    def __init__(
+        self,
+        store: Store,
+        executor: Executor,
+        outputs: Outputs,
+        notifier: Notifier,
+        files: FileStorage,
+        models: Mapping[str, ModelConfig],
+        limits: Limits,
+        page_tokens: PageTokens,
+    ) -> None:
+        self._store = store
+        self._executor = executor
+        self._outputs = outputs
+        self._notifier = notifier
+        self._files = files
+        self._models = models
+        self._limits = limits
+        self._tokens = page_tokens
+
+    async def create(self, tenant: str, valid: ValidBatch, request_id: str) -> BatchView:
+        """Store a validated batch and schedule it; idempotent on ``request_id``."""
+        if valid.model not in self._models:
+            raise NotFound(f"model {valid.model} not found; see ListModels", reason="MODEL_NOT_FOUND",
+                           violations=[("batch.model", "is not a configured model")])
+        if valid.file_name is not None:
+            raise InvalidArgument(
+                "file input (input_config.file_name) is not supported yet; send requests inline",
+                reason="FILE_INPUT_UNSUPPORTED", violations=[("batch.input_config.file_name", "not supported yet")],
+            )
+        new = NewBatch(
+            id=new_id(), tenant=tenant, kind=valid.kind, model=valid.model, display_name=valid.display_name,
+            priority=valid.priority, input_file=None, webhook=valid.webhook, request_id=request_id or None,
+        )
+        batch, created = await self._store.create_batch(
+            new, valid.items, int(self._limits.request_id_ttl_s * 1_000_000)
+        )
+        if created:
+            self._executor.submit(batch)
+        elif batch.kind is not valid.kind:
+            raise InvalidArgument(f"request_id was already used for {batch.name}, a {batch.kind.value} batch",
+                                  reason="REQUEST_ID_REUSED", violations=[("request_id", "already used")])
+        return await self._view(batch)
+
+    async def _view(self, batch: Batch) -> BatchView:
+        return BatchView(batch, await self._outputs.output(batch))
+
+    async def _get(self, tenant: str, batch_id: str) -> Batch:
+        batch = await self._store.get_batch(tenant, batch_id)
+        if batch is None:
+            raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
+        return batch
+
+    async def get(self, tenant: str, batch_id: str) -> BatchView:
+        """The batch with live stats, and its output once done."""
+        return await self._view(await self._get(tenant, batch_id))
+
+    async def list(self, tenant: str, collection: str, filter_text: str, page_size: int,
+                   page_token: str) -> tuple[list[Batch], str]:
+        """A page of batches, newest first, and the next page token."""
+        if collection not in ("", "batches"):
+            raise InvalidArgument(f"name must be 'batches' or empty, got {collection[:80]!r}",
+                                  violations=[("name", "must be 'batches' or empty")])
+        try:
+            size = clamp_page_size(page_size)
+        except ValueError as e:
+            raise InvalidArgument(str(e), violations=[("page_size", "must not be negative")]) from None
+        try:
+            where, params = compile_filter(filter_text, BATCH_FILTER_FIELDS)
+        except FilterError as e:
+            raise InvalidArgument(f"invalid filter: {e}", reason="INVALID_FILTER",
+                                  violations=[("filter", str(e))]) from None
+        scope = f"batches\x00{tenant}\x00{filter_text}"
+        before: int | None = None
+        if page_token:
+            try:
+                (position,) = self._tokens.decode(page_token, scope)
+            except (PageTokenError, ValueError) as e:
+                raise InvalidArgument(f"invalid page_token: {e}", reason="INVALID_PAGE_TOKEN",
+                                      violations=[("page_token", str(e))]) from None
+            if not isinstance(position, int):
+                raise InvalidArgument("invalid page_token", reason="INVALID_PAGE_TOKEN",
+                                      violations=[("page_token", "malformed")])
+            before = position
+        rows = await self._store.list_batches(tenant, where, params, before, size + 1)
+        page = rows[:size]
+        token = self._tokens.encode(scope, (page[-1].seq,)) if len(rows) > size else ""
+        return page, token
+
+    async def update(self, tenant: str, batch_id: str, kind_expected: str, display_name: str | None,
+                     priority: int | None) -> BatchView:
+        """Change display name (any time) and/or priority (only while not done)."""
+        batch = await self._get(tenant, batch_id)
+        if batch.kind.value != kind_expected:
+            raise InvalidArgument(f"{batch.name} is a {batch.kind.value} batch; use the matching Update method",
+                                  reason="WRONG_BATCH_KIND", violations=[("batch.name", "wrong batch kind")])
+        if priority is not None and batch.done:
+            raise FailedPrecondition(f"{batch.name} is done; its priority can no longer change",
+                                     reason="BATCH_DONE")
+        updated = await self._store.update_batch(tenant, batch_id, display_name=display_name, priority=priority)
+        if updated is None:
+            raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
+        if priority is not None:
+            self._executor.reprioritize(batch_id, priority)
+        return await self._view(updated)
+
+    async def cancel(self, tenant: str, batch_id: str) -> None:
+        """Cancel a batch that is not done; no-op on a done one."""
+        batch = await self._get(tenant, batch_id)
+        if not batch.done:
+            await self._executor.cancel(batch_id)
+
+    async def delete(self, tenant: str, batch_id: str) -> None:
+        """Delete a done batch with its results and generated files."""
+        try:
+            file_ids = await self._store.delete_batch(tenant, batch_id)
+        except StoreConflict:
+            raise FailedPrecondition(f"batches/{batch_id} is still running; cancel it first",
+                                     reason="BATCH_NOT_DONE") from None
+        if file_ids is None:
+            raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
+        self._outputs.forget(batch_id)
+        for file_id in file_ids:
+            self._files.delete(file_id)
+
+    async def wait(self, tenant: str, batch_id: str, timeout_s: float) -> BatchView:
+        """Return once the batch is done or ``timeout_s`` has passed."""
+        waiter = self._notifier.subscribe(batch_id)
+        try:
+            batch = await self._get(tenant, batch_id)
+            if not batch.done and timeout_s > 0:
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+                except TimeoutError:
+                    pass
+                batch = await self._get(tenant, batch_id)
+        finally:
+            self._notifier.unsubscribe(batch_id, waiter)
+        return await self._view(batch)
+
+    async def results(self, tenant: str, batch_id: str, start_index: int) -> tuple[Batch, AsyncIterator[ResultRow]]:
+        """The batch and its finished results in order from ``start_index``."""
+        if start_index < 0:
+            raise InvalidArgument("start_index must not be negative",
+                                  violations=[("start_index", "must not be negative")])
+        batch = await self._get(tenant, batch_id)
+        return batch, self._outputs.rows(batch_id, start_index)

@@ -1,0 +1,37 @@
+"""In-process wake-ups for WaitOperation: event driven, no polling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+
+
+class Notifier:
+    """Lets coroutines wait for a batch to become done."""
+
+    def __init__(self) -> None:
+        self._waiters: defaultdict[str, set[asyncio.Future[None]]] = defaultdict(set)
+
+    def subscribe(self, batch_id: str) -> asyncio.Future[None]:
+        """A future resolved when ``batch_id`` is done.
+
+        Subscribe *before* reading the batch, so a completion between the read
+        and the wait is not missed; always ``unsubscribe`` afterwards.
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[batch_id].add(fut)
+        return fut
+
+    def unsubscribe(self, batch_id: str, fut: asyncio.Future[None]) -> None:
+        """Forget a subscription."""
+        waiters = self._waiters.get(batch_id)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[batch_id]
+
+    def done(self, batch_id: str) -> None:
+        """Wake everyone waiting on ``batch_id``."""
+        for fut in self._waiters.pop(batch_id, ()):
+            if not fut.done():
+                fut.set_result(None)

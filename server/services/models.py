@@ -1,0 +1,65 @@
+"""longbatch.v1.ModelService: the configured models."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from longbatch.v1 import model_pb2, model_pb2_grpc
+
+from ..config import ModelConfig
+from ..errors import InvalidArgument, NotFound
+from ..paging import PageTokenError, PageTokens, clamp_page_size
+from ..validate import Violations, validate_model_name
+
+Context = grpc.aio.ServicerContext[Any, Any]
+_METHODS = ["batchGenerateContent", "asyncBatchEmbedContent"]
+
+
+def model_message(m: ModelConfig) -> model_pb2.Model:
+    """The Model resource for a configured model."""
+    return model_pb2.Model(name=m.name, display_name=m.display_name or m.name.removeprefix("models/"),
+                           backend=m.backend, supported_methods=_METHODS, max_concurrency=m.max_concurrency)
+
+
+class ModelService(model_pb2_grpc.ModelServiceServicer):
+    """Lists and gets models, in name order."""
+
+    def __init__(self, models: Sequence[ModelConfig], page_tokens: PageTokens) -> None:
+        self._models = sorted(models, key=lambda m: m.name)
+        self._tokens = page_tokens
+
+    async def ListModels(
+        self, request: model_pb2.ListModelsRequest, context: Context
+    ) -> model_pb2.ListModelsResponse:
+        """A page of models."""
+        try:
+            size = clamp_page_size(request.page_size)
+        except ValueError as e:
+            raise InvalidArgument(str(e), violations=[("page_size", "must not be negative")]) from None
+        start = 0
+        if request.page_token:
+            try:
+                (after,) = self._tokens.decode(request.page_token, "models")
+            except (PageTokenError, ValueError) as e:
+                raise InvalidArgument(f"invalid page_token: {e}", reason="INVALID_PAGE_TOKEN",
+                                      violations=[("page_token", str(e))]) from None
+            start = next((i for i, m in enumerate(self._models) if m.name > str(after)), len(self._models))
+        page = self._models[start:start + size]
+        more = start + size < len(self._models)
+        token = self._tokens.encode("models", (page[-1].name,)) if more and page else ""
+        return model_pb2.ListModelsResponse(models=[model_message(m) for m in page], next_page_token=token)
+
+    async def GetModel(
+        self, request: model_pb2.GetModelRequest, context: Context
+    ) -> model_pb2.Model:
+        """One model by name."""
+        v = Violations()
+        validate_model_name(request.name, v, "name")
+        v.raise_if_any("name")
+        for m in self._models:
+            if m.name == request.name:
+                return model_message(m)
+        raise NotFound(f"{request.name} not found", reason="MODEL_NOT_FOUND")

@@ -1,0 +1,487 @@
+"""SQLite implementation of the Store, through aiosqlite.
+
+Two connections: one writer, whose transactions are serialized by an asyncio
+lock (the single write path that keeps "database is locked" away from
+clients), and one read-only reader, which in WAL mode sees committed
+snapshots without waiting for the writer. All SQL of the project lives here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .domain import (
+    Batch,
+    BatchKind,
+    ItemStatus,
+    NewBatch,
+    NewItem,
+    Outcome,
+    PendingItem,
+    ResultRow,
+    State,
+    StoredFile,
+    now_us,
+)
+from .store import StoreConflict
+
+# Each entry upgrades the schema by one version (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE batches (
+        seq INTEGER PRIMARY KEY,             -- creation order, for keyset paging
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        model TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        priority INTEGER NOT NULL,
+        state INTEGER NOT NULL,
+        done INTEGER NOT NULL DEFAULT 0,
+        create_time INTEGER NOT NULL,        -- microseconds since the epoch
+        update_time INTEGER NOT NULL,
+        end_time INTEGER,
+        input_file TEXT,
+        request_count INTEGER NOT NULL DEFAULT 0,
+        succeeded INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        cancelled INTEGER NOT NULL DEFAULT 0,
+        expired INTEGER NOT NULL DEFAULT 0,
+        error BLOB,
+        output_file TEXT,
+        webhook BLOB,
+        request_id TEXT
+    );
+    CREATE INDEX batches_by_tenant ON batches (tenant, seq);
+    CREATE INDEX batches_not_done ON batches (done) WHERE done = 0;
+    CREATE UNIQUE INDEX batches_request_id ON batches (tenant, request_id) WHERE request_id IS NOT NULL;
+    CREATE TABLE requests (
+        batch_seq INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        metadata BLOB,
+        payload BLOB NOT NULL,
+        status INTEGER NOT NULL DEFAULT 0,
+        result BLOB,
+        PRIMARY KEY (batch_seq, idx)
+    ) WITHOUT ROWID;
+    CREATE TABLE files (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        tenant TEXT NOT NULL,
+        display_name TEXT NOT NULL,
+        mime_type TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        sha256 BLOB NOT NULL,
+        create_time INTEGER NOT NULL,
+        expire_time INTEGER,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX files_by_tenant ON files (tenant, seq);
+    """,
+)
+
+_BATCH_COLUMNS = (
+    "id, seq, tenant, kind, model, display_name, priority, state, done, create_time, update_time, "
+    "end_time, input_file, request_count, succeeded, failed, cancelled, expired, error, output_file, webhook"
+)
+_FILE_COLUMNS = "id, seq, tenant, display_name, mime_type, size_bytes, sha256, create_time, expire_time, source"
+_OUTCOME_COLUMN = {
+    ItemStatus.SUCCEEDED: "succeeded",
+    ItemStatus.FAILED: "failed",
+    ItemStatus.CANCELLED: "cancelled",
+    ItemStatus.EXPIRED: "expired",
+}
+_INSERT_CHUNK = 2000
+
+
+def _batch(row: sqlite3.Row | tuple[Any, ...]) -> Batch:
+    return Batch(
+        id=row[0], seq=row[1], tenant=row[2], kind=BatchKind(row[3]), model=row[4], display_name=row[5],
+        priority=row[6], state=State(row[7]), done=bool(row[8]), create_time_us=row[9],
+        update_time_us=row[10], end_time_us=row[11], input_file=row[12], request_count=row[13],
+        succeeded=row[14], failed=row[15], cancelled=row[16], expired=row[17], error=row[18],
+        output_file=row[19], webhook=row[20],
+    )
+
+
+def _file(row: sqlite3.Row | tuple[Any, ...]) -> StoredFile:
+    return StoredFile(
+        id=row[0], seq=row[1], tenant=row[2], display_name=row[3], mime_type=row[4], size_bytes=row[5],
+        sha256=row[6], create_time_us=row[7], expire_time_us=row[8], source=row[9],
+    )
+
+
+class SQLiteStore:
+    """The Store over one SQLite database file in WAL mode."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        """Connect, set pragmas and run pending migrations."""
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = await self._connect()
+        await self._migrate(self._writer)
+        self._reader = await self._connect()
+        await self._reader.execute("PRAGMA query_only = ON")
+
+    async def _connect(self) -> aiosqlite.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
+        # the writer takes its lock up front instead of failing on upgrade.
+        conn = await aiosqlite.connect(self._path, isolation_level=None)
+        for pragma in (
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA synchronous = NORMAL",  # durable across process crashes in WAL mode
+            "PRAGMA busy_timeout = 10000",
+            "PRAGMA foreign_keys = ON",
+            "PRAGMA cache_size = -16000",
+        ):
+            await conn.execute(pragma)
+        return conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(f"database schema v{version} is newer than this server (v{len(MIGRATIONS)})")
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            await conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+    async def close(self) -> None:
+        """Close both connections; safe to call twice."""
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
+        if self._writer is None:
+            raise RuntimeError("store is not open")
+        async with self._write_lock:
+            conn = self._writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                await conn.execute("ROLLBACK")
+                raise
+            await conn.execute("COMMIT")
+
+    async def _one(self, sql: str, params: Sequence[object]) -> Any:
+        async with self._r.execute(sql, params) as cur:
+            return await cur.fetchone()
+
+    async def _all(self, sql: str, params: Sequence[object]) -> Iterable[Any]:
+        async with self._r.execute(sql, params) as cur:
+            return await cur.fetchall()
+
+    # -- meta ---------------------------------------------------------------
+
+    async def secret(self, name: str, size: int = 32) -> bytes:
+        """A random secret stored under ``name``, made on first use."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, secrets.token_bytes(size))
+            )
+            async with conn.execute("SELECT value FROM meta WHERE name = ?", (name,)) as cur:
+                row = await cur.fetchone()
+        assert row is not None
+        return bytes(row[0])
+
+    # -- batches ------------------------------------------------------------
+
+    async def create_batch(
+        self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int
+    ) -> tuple[Batch, bool]:
+        """Insert a batch and its requests in one transaction (see Store)."""
+        now = now_us()
+        async with self._tx() as conn:
+            if batch.request_id:
+                async with conn.execute(
+                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND request_id = ?",
+                    (batch.tenant, batch.request_id),
+                ) as cur:
+                    row = await cur.fetchone()
+                if row is not None:
+                    earlier = _batch(row)
+                    if earlier.create_time_us > now - request_id_ttl_us:
+                        return earlier, False
+                    await conn.execute("UPDATE batches SET request_id = NULL WHERE seq = ?", (earlier.seq,))
+            cur = await conn.execute(
+                "INSERT INTO batches (id, tenant, kind, model, display_name, priority, state, create_time, "
+                "update_time, input_file, webhook, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (batch.id, batch.tenant, batch.kind.value, batch.model, batch.display_name, batch.priority,
+                 int(State.PENDING), now, now, batch.input_file, batch.webhook, batch.request_id or None),
+            )
+            seq = cur.lastrowid
+            count = 0
+            chunk: list[tuple[object, ...]] = []
+            for item in items:
+                chunk.append((seq, item.idx, item.key, item.metadata, item.payload))
+                if len(chunk) >= _INSERT_CHUNK:
+                    count += await self._insert_items(conn, chunk)
+            count += await self._insert_items(conn, chunk)
+            await conn.execute("UPDATE batches SET request_count = ? WHERE seq = ?", (count, seq))
+            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)) as cur2:
+                row = await cur2.fetchone()
+        assert row is not None
+        return _batch(row), True
+
+    @staticmethod
+    async def _insert_items(conn: aiosqlite.Connection, chunk: list[tuple[object, ...]]) -> int:
+        n = len(chunk)
+        if n:
+            await conn.executemany(
+                "INSERT INTO requests (batch_seq, idx, key, metadata, payload) VALUES (?, ?, ?, ?, ?)", chunk
+            )
+            chunk.clear()
+        return n
+
+    async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
+        """The batch, scoped to ``tenant`` unless it is None."""
+        row = await self._one(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,))
+        if row is None or (tenant is not None and row[2] != tenant):
+            return None
+        return _batch(row)
+
+    async def list_batches(
+        self, tenant: str, where: str, params: Sequence[object], before_seq: int | None, limit: int
+    ) -> list[Batch]:
+        """Newest first, keyset-paged on seq (see Store)."""
+        rows = await self._all(
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND seq < ? AND ({where}) "
+            "ORDER BY seq DESC LIMIT ?",
+            (tenant, before_seq if before_seq is not None else 2**62, *params, limit),
+        )
+        return [_batch(r) for r in rows]
+
+    async def update_batch(
+        self, tenant: str, batch_id: str, *, display_name: str | None, priority: int | None
+    ) -> Batch | None:
+        """Apply the given changes (see Store)."""
+        async with self._tx() as conn:
+            if display_name is not None:
+                await conn.execute(
+                    "UPDATE batches SET display_name = ?, update_time = ? WHERE id = ? AND tenant = ?",
+                    (display_name, now_us(), batch_id, tenant),
+                )
+            if priority is not None:
+                await conn.execute(
+                    "UPDATE batches SET priority = ?, update_time = ? WHERE id = ? AND tenant = ? AND done = 0",
+                    (priority, now_us(), batch_id, tenant),
+                )
+            async with conn.execute(
+                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)
+            ) as cur:
+                row = await cur.fetchone()
+        return _batch(row) if row else None
+
+    async def delete_batch(self, tenant: str, batch_id: str) -> list[str] | None:
+        """Delete a done batch and its requests (see Store)."""
+        async with self._tx() as conn:
+            async with conn.execute(
+                "SELECT seq, done, output_file FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            seq, done, output_file = row
+            if not done:
+                raise StoreConflict("batch is not done")
+            await conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,))
+            await conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            if output_file:
+                await conn.execute("DELETE FROM files WHERE id = ?", (output_file,))
+        return [output_file] if output_file else []
+
+    async def unfinished_batches(self) -> list[Batch]:
+        """Batches not done, oldest first."""
+        rows = await self._all(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE done = 0 ORDER BY seq", ())
+        return [_batch(r) for r in rows]
+
+    async def mark_running(self, batch_id: str) -> None:
+        """PENDING → RUNNING."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE batches SET state = ?, update_time = ? WHERE id = ? AND state = ?",
+                (int(State.RUNNING), now_us(), batch_id, int(State.PENDING)),
+            )
+
+    async def pending_items(self, batch_id: str, from_idx: int, limit: int) -> list[PendingItem]:
+        """Next PENDING requests by idx."""
+        rows = await self._all(
+            "SELECT r.idx, r.payload FROM requests r JOIN batches b ON b.seq = r.batch_seq "
+            "WHERE b.id = ? AND r.idx >= ? AND r.status = 0 ORDER BY r.idx LIMIT ?",
+            (batch_id, from_idx, limit),
+        )
+        return [PendingItem(idx=r[0], payload=r[1]) for r in rows]
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dict[str, Batch]:
+        """Persist results and counters in one transaction (see Store)."""
+        if not outcomes:
+            return {}
+        touched: dict[str, Batch] = {}
+        async with self._tx() as conn:
+            by_batch: dict[str, list[Outcome]] = {}
+            for o in outcomes:
+                by_batch.setdefault(o.batch_id, []).append(o)
+            now = now_us()
+            for batch_id, items in by_batch.items():
+                async with conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)) as cur:
+                    row = await cur.fetchone()
+                if row is None:
+                    continue
+                seq = row[0]
+                # Only requests still PENDING take a result; count what changed
+                # by status so the counters stay exact even if a result arrives
+                # after the batch was closed.
+                counts: Counter[ItemStatus] = Counter()
+                for status in {o.status for o in items}:
+                    group = [(o.result, seq, o.idx) for o in items if o.status is status]
+                    before = conn.total_changes
+                    await conn.executemany(
+                        f"UPDATE requests SET status = {int(status)}, result = ? "
+                        "WHERE batch_seq = ? AND idx = ? AND status = 0",
+                        group,
+                    )
+                    counts[status] += conn.total_changes - before
+                sets = ", ".join(f"{_OUTCOME_COLUMN[s]} = {_OUTCOME_COLUMN[s]} + {n}" for s, n in counts.items() if n)
+                if sets:
+                    await conn.execute(f"UPDATE batches SET {sets}, update_time = ? WHERE seq = ?", (now, seq))
+                async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)) as cur:
+                    updated = await cur.fetchone()
+                if updated is not None:
+                    touched[batch_id] = _batch(updated)
+        return touched
+
+    async def close_batch(
+        self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus, rest_result: bytes
+    ) -> Batch | None:
+        """Set the terminal state and finish PENDING requests (see Store)."""
+        async with self._tx() as conn:
+            async with conn.execute(
+                "SELECT seq, state FROM batches WHERE id = ?", (batch_id,)
+            ) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            seq, current = row
+            if not State(current).terminal:
+                before = conn.total_changes
+                await conn.execute(
+                    f"UPDATE requests SET status = {int(rest)}, result = ? WHERE batch_seq = ? AND status = 0",
+                    (rest_result, seq),
+                )
+                n = conn.total_changes - before
+                column = _OUTCOME_COLUMN[rest]
+                await conn.execute(
+                    f"UPDATE batches SET state = ?, error = ?, {column} = {column} + ?, update_time = ? "
+                    "WHERE seq = ?",
+                    (int(state), error, n, now_us(), seq),
+                )
+            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)) as cur:
+                updated = await cur.fetchone()
+        return _batch(updated) if updated else None
+
+    async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
+        """Set done, end_time and the output file (see Store)."""
+        now = now_us()
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE batches SET done = 1, end_time = ?, update_time = ?, output_file = ? "
+                "WHERE id = ? AND done = 0",
+                (now, now, output_file, batch_id),
+            )
+            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
+                row = await cur.fetchone()
+        return _batch(row) if row else None
+
+    async def results(self, batch_id: str, start_idx: int, limit: int) -> list[ResultRow]:
+        """Finished requests from ``start_idx`` up to the first unfinished one."""
+        rows = await self._all(
+            "SELECT r.idx, r.key, r.metadata, r.status, r.result FROM requests r "
+            "JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ? AND r.idx >= ? ORDER BY r.idx LIMIT ?",
+            (batch_id, start_idx, limit),
+        )
+        out = []
+        for r in rows:
+            if r[3] == ItemStatus.PENDING:
+                break
+            out.append(ResultRow(idx=r[0], key=r[1], metadata=r[2], status=ItemStatus(r[3]), result=r[4]))
+        return out
+
+    async def output_size(self, batch_id: str) -> int:
+        """Total bytes of results and metadata."""
+        row = await self._one(
+            "SELECT COALESCE(SUM(LENGTH(r.result)), 0) + COALESCE(SUM(LENGTH(r.metadata)), 0) + COUNT(*) * 8 "
+            "FROM requests r JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ?",
+            (batch_id,),
+        )
+        return int(row[0]) if row else 0
+
+    async def expired_batches(self, created_before_us: int) -> list[str]:
+        """Not-done batches created before the cutoff."""
+        rows = await self._all(
+            "SELECT id FROM batches WHERE done = 0 AND create_time < ?", (created_before_us,)
+        )
+        return [r[0] for r in rows]
+
+    # -- files --------------------------------------------------------------
+
+    async def add_file(self, file: StoredFile) -> None:
+        """Insert a file row (its seq is assigned here)."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "INSERT INTO files (id, tenant, display_name, mime_type, size_bytes, sha256, create_time, "
+                "expire_time, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (file.id, file.tenant, file.display_name, file.mime_type, file.size_bytes, file.sha256,
+                 file.create_time_us, file.expire_time_us, file.source),
+            )
+
+    async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
+        """The file, scoped to ``tenant`` unless it is None."""
+        row = await self._one(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
+        if row is None or (tenant is not None and row[2] != tenant):
+            return None
+        return _file(row)
+
+    async def list_files(self, tenant: str, before_seq: int | None, limit: int) -> list[StoredFile]:
+        """Newest first, keyset-paged on seq."""
+        rows = await self._all(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE tenant = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+            (tenant, before_seq if before_seq is not None else 2**62, limit),
+        )
+        return [_file(r) for r in rows]
+
+    async def delete_file(self, tenant: str, file_id: str) -> bool:
+        """Delete a file row unless a batch that is not done reads it."""
+        async with self._tx() as conn:
+            async with conn.execute(
+                "SELECT 1 FROM batches WHERE input_file = ? AND done = 0 LIMIT 1", (file_id,)
+            ) as cur:
+                if await cur.fetchone() is not None:
+                    raise StoreConflict("a batch that is not done reads this file")
+            cur2 = await conn.execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
+            return cur2.rowcount > 0

@@ -1,0 +1,119 @@
+"""The storage seam: what the services and the executor need from a store.
+
+One implementation today (``sqlite_store.SQLiteStore``); a second one (say
+PostgreSQL) must pass the same contract suite in tests/server/test_store.py.
+All methods are scoped by tenant where a client names the resource; executor
+methods take bare ids because they act for the server itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from .domain import Batch, ItemStatus, NewBatch, NewItem, Outcome, PendingItem, ResultRow, State, StoredFile
+
+
+class Store(Protocol):
+    """Persistent state of batches, their requests and files."""
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    async def close(self) -> None:
+        """Flush and disconnect; safe to call twice."""
+
+    async def secret(self, name: str, size: int = 32) -> bytes:
+        """A random server secret, created on first use and kept forever."""
+
+    async def create_batch(
+        self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int
+    ) -> tuple[Batch, bool]:
+        """Store a batch and its requests atomically.
+
+        Returns the batch and True, or, when ``batch.request_id`` was used by
+        the same tenant within ``request_id_ttl_us``, the earlier batch and
+        False (nothing new stored).
+        """
+
+    async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
+        """The batch, or None if unknown or owned by another tenant.
+
+        ``tenant=None`` skips the tenant check (server-internal use).
+        """
+
+    async def list_batches(
+        self, tenant: str, where: str, params: Sequence[object], before_seq: int | None, limit: int
+    ) -> list[Batch]:
+        """Batches newest first, with ``seq < before_seq``, matching ``where``.
+
+        ``where`` is an SQL fragment over the batch columns from the filter
+        compiler, with ``?`` placeholders bound to ``params``.
+        """
+
+    async def update_batch(
+        self, tenant: str, batch_id: str, *, display_name: str | None, priority: int | None
+    ) -> Batch | None:
+        """Change display name and/or priority; None if the batch is unknown."""
+
+    async def delete_batch(self, tenant: str, batch_id: str) -> list[str] | None:
+        """Delete a done batch with its requests.
+
+        Returns the ids of the generated files to remove, or None if the batch
+        is unknown. Raises ``StoreConflict`` if the batch is not done.
+        """
+
+    async def unfinished_batches(self) -> list[Batch]:
+        """Every batch not done yet, oldest first (for the executor's start)."""
+
+    async def mark_running(self, batch_id: str) -> None:
+        """Move a PENDING batch to RUNNING."""
+
+    async def pending_items(self, batch_id: str, from_idx: int, limit: int) -> list[PendingItem]:
+        """Up to ``limit`` PENDING requests with ``idx >= from_idx``, by idx."""
+
+    async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dict[str, Batch]:
+        """Persist results of PENDING requests and bump the counters.
+
+        Results for requests no longer PENDING are ignored, so a request is
+        never counted twice. Returns the touched batches after the write.
+        """
+
+    async def close_batch(
+        self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus, rest_result: bytes
+    ) -> Batch | None:
+        """Give a batch its terminal state, marking PENDING requests ``rest``.
+
+        Keeps an existing terminal state (a restart re-closing a batch). The
+        batch is not ``done`` until ``mark_done``. Returns None if unknown.
+        """
+
+    async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
+        """Make a closed batch ``done``; after this it never changes."""
+
+    async def results(self, batch_id: str, start_idx: int, limit: int) -> list[ResultRow]:
+        """Finished requests with ``idx >= start_idx`` in idx order, stopping at
+        the first unfinished one."""
+
+    async def output_size(self, batch_id: str) -> int:
+        """Bytes of all results and metadata of a batch (to size its output)."""
+
+    async def expired_batches(self, created_before_us: int) -> list[str]:
+        """Ids of batches not done that were created before the given time."""
+
+    async def add_file(self, file: StoredFile) -> None:
+        """Record a file whose bytes are already in place."""
+
+    async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
+        """The file, or None if unknown or owned by another tenant."""
+
+    async def list_files(self, tenant: str, before_seq: int | None, limit: int) -> list[StoredFile]:
+        """Files newest first with ``seq < before_seq``."""
+
+    async def delete_file(self, tenant: str, file_id: str) -> bool:
+        """Forget a file; False if unknown. Raises ``StoreConflict`` while a
+        batch that is not done reads it."""
+
+
+class StoreConflict(Exception):
+    """The change is not allowed in the resource's current state."""
