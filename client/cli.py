@@ -1,0 +1,492 @@
+"""The ``longbatch`` command line: submit, inspect and wait for batches; serve.
+
+Exit codes: 0 success, 1 a failed call or a batch that did not succeed,
+2 bad usage, 130 interrupted. Errors go to stderr as
+``error: CODE_NAME: message``, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TextIO, TypeVar
+
+from longbatch.client import display
+from longbatch.client.client import DEFAULT_TARGET, Client
+from longbatch.client.errors import LongbatchError, Unimplemented
+from longbatch.client.operation import BatchOperation
+from longbatch.client.progress import LiveLine, RateMeter, format_bytes, render_progress
+from longbatch.v1 import batch_pb2, content_pb2, file_pb2
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Arguments that parse but do not make sense together (exit code 2)."""
+
+
+class CommandFailed(Exception):
+    """A command failed for a reason best told in plain words (exit code 1)."""
+
+
+_T = TypeVar("_T")
+Command = Callable[[Client, argparse.Namespace, TextIO, TextIO], Awaitable[int]]
+
+
+# Commands. Each prints to `out` (results) and `err` (progress, notes) and
+# returns the exit code; errors propagate to main().
+
+
+def generate_requests(prompts: Sequence[str]) -> list[content_pb2.GenerateContentRequest]:
+    """One single-turn user request per prompt."""
+    return [
+        content_pb2.GenerateContentRequest(
+            contents=[content_pb2.Content(role="user", parts=[content_pb2.Part(text=p)])]
+        )
+        for p in prompts
+    ]
+
+
+def embed_requests(prompts: Sequence[str]) -> list[content_pb2.EmbedContentRequest]:
+    """One embedding request per prompt."""
+    return [
+        content_pb2.EmbedContentRequest(content=content_pb2.Content(parts=[content_pb2.Part(text=p)])) for p in prompts
+    ]
+
+
+async def _upload(
+    client: Client, path: str, err: TextIO, display_name: str | None = None, mime_type: str = "application/jsonl"
+) -> file_pb2.File:
+    size = await asyncio.to_thread(os.path.getsize, path)
+    line = LiveLine(err, every_s=10.0)
+    try:
+        uploaded = await client.upload_file(
+            path,
+            display_name=display_name,
+            mime_type=mime_type,
+            progress=lambda sent: line.show(
+                f"uploading {path}  {format_bytes(sent)}/{format_bytes(size)}  {100 * sent // max(size, 1)}%"
+            ),
+        )
+    except Unimplemented as exc:
+        raise CommandFailed(
+            "this server does not accept files (UNIMPLEMENTED); send inline requests with --prompt instead"
+        ) from exc
+    finally:
+        line.close()
+    return uploaded
+
+
+async def cmd_submit(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    prompts: list[str] = args.prompt or []
+    if bool(prompts) == bool(args.jsonl):
+        raise UsageError("give either --prompt (one or more) or a JSONL file, not both or neither")
+    file_name = (await _upload(client, args.jsonl, err)).name if args.jsonl else None
+    if file_name is not None:
+        err.write(f"uploaded {args.jsonl} as {file_name}\n")
+    if args.embed:
+        op = await client.create_embed_batch(
+            args.model,
+            embed_requests(prompts) if prompts else None,
+            file_name=file_name,
+            display_name=args.display_name,
+            priority=args.priority,
+            request_id=args.request_id,
+        )
+    else:
+        op = await client.create_generate_batch(
+            args.model,
+            generate_requests(prompts) if prompts else None,
+            file_name=file_name,
+            display_name=args.display_name,
+            priority=args.priority,
+            request_id=args.request_id,
+        )
+    if not args.wait:
+        _print_batch(op, args, out)
+        return 0
+    return await _finish(client, op, args, out, err, print_results=True)
+
+
+async def _finish(
+    client: Client, op: BatchOperation, args: argparse.Namespace, out: TextIO, err: TextIO, *, print_results: bool
+) -> int:
+    """Waits with progress, then prints the batch (and results) and raises if it did not succeed."""
+    await wait_with_progress(op, args.timeout, err)
+    if print_results and not args.json and op.state == batch_pb2.BATCH_STATE_SUCCEEDED:
+        async for result in client.stream_results(op.name):
+            out.write(display.result_line(result) + "\n")
+    else:
+        _print_batch(op, args, out)
+    await op.result()  # raises BatchFailed for FAILED / CANCELLED / EXPIRED
+    return 0
+
+
+async def wait_with_progress(op: BatchOperation, limit_s: float | None, err: TextIO) -> None:
+    """Waits for ``op`` to be done, showing a progress line on ``err``.
+
+    Raises:
+        CommandFailed: ``limit_s`` seconds passed first.
+    """
+    line = LiveLine(err)
+    meter = RateMeter()
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(limit_s):
+            async for batch in op.watch(interval=1.0):
+                done, total = display.done_count(batch), batch.batch_stats.request_count
+                meter.add(loop.time(), done)
+                running = batch.state == batch_pb2.BATCH_STATE_RUNNING
+                rate = meter.rate() if running else None
+                eta = (total - done) / rate if rate else None
+                state = display.state_name(batch.state)
+                line.show(render_progress(op.name, state, done, total, rate, eta), key=state)
+    except TimeoutError as exc:
+        state = display.state_name(op.state)
+        raise CommandFailed(f"timed out after {limit_s:g} s; {op.name} is still {state}") from exc
+    finally:
+        line.close()
+
+
+async def cmd_wait(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return await _finish(client, await client.get_operation(args.name), args, out, err, print_results=False)
+
+
+def _print_batch(op: BatchOperation, args: argparse.Namespace, out: TextIO) -> None:
+    out.write((display.to_json(op.operation) if args.json else display.format_fields(display.batch_fields(op))) + "\n")
+
+
+async def cmd_get(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    _print_batch(await client.get_operation(args.name), args, out)
+    return 0
+
+
+async def _take(items: AsyncIterator[_T], limit: int | None) -> list[_T]:
+    """The first ``limit`` items (all when None), fetching no page beyond them."""
+    taken: list[_T] = []
+    if limit == 0:
+        return taken
+    async for item in items:
+        taken.append(item)
+        if len(taken) == limit:
+            break
+    return taken
+
+
+async def cmd_list(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    page_size = args.page_size or min(args.limit or 0, 1000)  # don't fetch 50 to show 3
+    ops = await _take(client.list_operations(filter=args.filter, page_size=page_size), args.limit)
+    if args.json:
+        out.write(display.to_json_array(op.operation for op in ops) + "\n")
+    elif ops:
+        out.write(display.format_table(display.BATCH_HEADERS, (display.batch_row(op) for op in ops)) + "\n")
+    else:
+        err.write("no batches\n")
+    return 0
+
+
+async def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    await client.cancel_operation(args.name)
+    op = await client.get_operation(args.name)
+    if args.json:
+        out.write(display.to_json(op.operation) + "\n")
+    else:
+        out.write(f"cancel requested: {op.name} (state: {display.state_name(op.state)})\n")
+    return 0
+
+
+async def cmd_delete(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    await client.delete_operation(args.name)
+    out.write("{}\n" if args.json else f"deleted {args.name}\n")
+    return 0
+
+
+async def cmd_update(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.display_name is None and args.priority is None:
+        raise UsageError("give --display-name and/or --priority")
+    batch = await client.update_batch(args.name, display_name=args.display_name, priority=args.priority)
+    if args.json:
+        out.write(display.to_json(batch) + "\n")
+    else:
+        out.write(
+            display.format_fields(
+                [
+                    ("name", batch.name),
+                    ("display name", batch.display_name or "-"),
+                    ("priority", str(batch.priority)),
+                ]
+            )
+            + "\n"
+        )
+    return 0
+
+
+async def cmd_results(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    async for result in client.stream_results(args.name, start_index=args.start):
+        out.write(display.to_json_line(result) + "\n")
+    return 0
+
+
+async def cmd_models(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    models = await client.list_models()
+    if args.json:
+        out.write(display.to_json_array(models) + "\n")
+    else:
+        out.write(display.format_table(display.MODEL_HEADERS, (display.model_row(m) for m in models)) + "\n")
+    return 0
+
+
+async def cmd_files_upload(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    _print_file(await _upload(client, args.path, err, args.display_name, args.mime_type), args, out)
+    return 0
+
+
+def _print_file(file: file_pb2.File, args: argparse.Namespace, out: TextIO) -> None:
+    out.write((display.to_json(file) if args.json else display.format_fields(display.file_fields(file))) + "\n")
+
+
+async def cmd_files_get(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    _print_file(await client.get_file(args.name), args, out)
+    return 0
+
+
+async def cmd_files_list(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    page_size = args.page_size or min(args.limit or 0, 1000)
+    files = await _take(client.list_files(page_size=page_size), args.limit)
+    if args.json:
+        out.write(display.to_json_array(files) + "\n")
+    elif files:
+        out.write(display.format_table(display.FILE_HEADERS, (display.file_row(f) for f in files)) + "\n")
+    else:
+        err.write("no files\n")
+    return 0
+
+
+async def cmd_files_delete(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    await client.delete_file(args.name)
+    out.write("{}\n" if args.json else f"deleted {args.name}\n")
+    return 0
+
+
+async def cmd_files_download(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.dest == "-":
+        out.flush()
+        async for chunk in client.iter_file(args.name):
+            out.buffer.write(chunk)
+        out.buffer.flush()
+        return 0
+    line = LiveLine(err, every_s=10.0)
+    try:
+        size = await client.download_file(
+            args.name, args.dest, progress=lambda n: line.show(f"downloading {args.name}  {format_bytes(n)}")
+        )
+    finally:
+        line.close()
+    err.write(f"wrote {size:,} bytes to {args.dest}\n")
+    return 0
+
+
+# Argument parsing.
+
+
+def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """Adds --target, --api-key and --json; without defaults for subcommands, so
+    that the options work before or after the subcommand name."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument(
+        "--target",
+        default=default(os.environ.get("LONGBATCH_TARGET") or DEFAULT_TARGET),
+        help="server host:port (env LONGBATCH_TARGET, default %(default)s)" if defaults else argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--api-key",
+        default=default(os.environ.get("LONGBATCH_API_KEY")),
+        help="API key sent as x-goog-api-key (env LONGBATCH_API_KEY)" if defaults else argparse.SUPPRESS,
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print proto JSON for scripts" if defaults else argparse.SUPPRESS,
+    )
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Builds the ``longbatch`` argument parser (``serve`` is dispatched before it)."""
+    parser = argparse.ArgumentParser(
+        prog="longbatch",
+        description="Submit and follow model request batches on a longbatch server. "
+        "`longbatch serve --help` runs a server.",
+    )
+    _global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str,
+        handler: Command,
+        summary: str,
+        into: argparse._SubParsersAction[argparse.ArgumentParser] = commands,
+    ) -> argparse.ArgumentParser:
+        sub = into.add_parser(name, parents=[common], help=summary, description=summary)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def waiting(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--timeout",
+            type=_positive_float,
+            default=None,
+            metavar="S",
+            help="give up after S seconds (exit 1); default: wait as long as it takes",
+        )
+
+    submit = command("submit", cmd_submit, "create a batch from prompts or a JSONL file")
+    submit.add_argument("jsonl", nargs="?", help='JSONL file of {"key", "request"} lines, uploaded first')
+    submit.add_argument("--model", default="models/echo", help="model to run (default %(default)s)")
+    submit.add_argument("--prompt", action="append", metavar="TEXT", help="one request per --prompt")
+    submit.add_argument("--embed", action="store_true", help="make an embedding batch")
+    submit.add_argument("--display-name", default="")
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    submit.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same batch")
+    submit.add_argument("--wait", action="store_true", help="wait with progress, then print the results")
+    waiting(submit)
+
+    command("get", cmd_get, "show a batch").add_argument("name", help="batches/{id}")
+
+    listing = command("list", cmd_list, "list batches, newest first")
+    listing.add_argument("--filter", default="", help="AIP-160 filter, e.g. 'state = BATCH_STATE_RUNNING'")
+    listing.add_argument("--page-size", type=_non_negative_int, default=0, metavar="N")
+    listing.add_argument("--limit", type=_non_negative_int, default=None, metavar="N", help="show at most N")
+
+    wait = command("wait", cmd_wait, "wait for a batch with a live progress bar")
+    wait.add_argument("name", help="batches/{id}")
+    waiting(wait)
+
+    command("cancel", cmd_cancel, "cancel a pending or running batch").add_argument("name", help="batches/{id}")
+    command("delete", cmd_delete, "delete a finished batch and its results").add_argument("name", help="batches/{id}")
+
+    update = command("update", cmd_update, "change a batch's display name or priority")
+    update.add_argument("name", help="batches/{id}")
+    update.add_argument("--display-name", default=None)
+    update.add_argument("--priority", type=int, default=None)
+
+    results = command("results", cmd_results, "print finished results as JSON lines, in input order")
+    results.add_argument("name", help="batches/{id}")
+    results.add_argument("--start", type=_non_negative_int, default=0, metavar="N", help="first input index")
+
+    command("models", cmd_models, "list the models the server serves")
+
+    files = commands.add_parser(
+        "files",
+        help="upload, list, get, delete and download files",
+        description="upload, list, get, delete and download files",
+    )
+    file_commands = files.add_subparsers(dest="files_command", metavar="COMMAND", required=True)
+    upload = command("upload", cmd_files_upload, "upload a file", file_commands)
+    upload.add_argument("path")
+    upload.add_argument("--display-name", default=None, help="default: the file's base name")
+    upload.add_argument("--mime-type", default="application/jsonl")
+    files_list = command("list", cmd_files_list, "list files, newest first", file_commands)
+    files_list.add_argument("--page-size", type=_non_negative_int, default=0, metavar="N")
+    files_list.add_argument("--limit", type=_non_negative_int, default=None, metavar="N", help="show at most N")
+    command("get", cmd_files_get, "show a file", file_commands).add_argument("name", help="files/{id}")
+    command("delete", cmd_files_delete, "delete a file", file_commands).add_argument("name", help="files/{id}")
+    download = command("download", cmd_files_download, "download a file", file_commands)
+    download.add_argument("name", help="files/{id}")
+    download.add_argument("dest", help="local path, or - for stdout")
+    return parser
+
+
+# Entry point.
+
+
+def print_error(error: LongbatchError, err: TextIO, *, target: str = "", api_key: str | None = None) -> None:
+    """Prints ``error: CODE: message``, the field violations and a hint where one helps."""
+    err.write(f"error: {error}\n")
+    for field, description in error.field_violations:
+        err.write(f"  {field}: {description}\n")
+    if error.code.name == "UNAVAILABLE" and target:
+        err.write(f"  (is a longbatch server running at {target}?)\n")
+    elif error.code.name == "UNAUTHENTICATED" and not api_key:
+        err.write("  (pass --api-key or set LONGBATCH_API_KEY)\n")
+
+
+async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    handler: Command = args.handler
+    async with Client(args.target, api_key=args.api_key) as client:
+        return await handler(client, args, out, err)
+
+
+def _serve(argv: list[str]) -> int:
+    # Imported late: the client must work where only the client is installed.
+    try:
+        server = importlib.import_module("longbatch.server.main")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("longbatch.server", "longbatch.server.main"):
+            raise
+        sys.stderr.write("error: the longbatch server is not installed here\n")
+        return EXIT_FAILURE
+    return int(server.main(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the ``longbatch`` command line and returns its exit code.
+
+    Args:
+        argv: The arguments without the program name; defaults to ``sys.argv[1:]``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        return _serve(argv[1:])
+    out, err = sys.stdout, sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return asyncio.run(_run(args, out, err))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except LongbatchError as error:
+        print_error(error, err, target=args.target, api_key=args.api_key)
+    except UsageError as error:
+        err.write(f"error: {error}\n")
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (`longbatch results x | head`): stop quietly, and
+        # point stdout at devnull so the interpreter's final flush cannot fail.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except (CommandFailed, OSError, ValueError) as error:
+        err.write(f"error: {error}\n")
+    return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,57 @@
+"""Fixtures: a real longbatch server on 127.0.0.1:0 with a fresh data dir."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from longbatch.server.app import Running, start_server
+from longbatch.server.config import ServerConfig
+
+from support import Stubs
+
+
+@dataclass
+class ServerHandle:
+    """A running in-process server."""
+
+    target: str
+    port: int
+    data_dir: Path
+    running: Running
+
+
+MakeServer = Callable[..., Awaitable[ServerHandle]]
+
+
+@pytest.fixture
+async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
+    """Start servers with a given config; all stop at the end of the test."""
+    started: list[Running] = []
+
+    async def make(config: ServerConfig | None = None, data_dir: Path | None = None) -> ServerHandle:
+        data = data_dir or tmp_path / f"data{len(started)}"
+        running = await start_server(config or ServerConfig(), data, "127.0.0.1", 0)
+        started.append(running)
+        return ServerHandle(f"127.0.0.1:{running.port}", running.port, data, running)
+
+    yield make
+    for running in reversed(started):
+        await running.stop(grace_s=1.0)
+
+
+@pytest.fixture
+async def server(make_server: MakeServer) -> ServerHandle:
+    """A server on the embedded defaults (echo models, no keys)."""
+    return await make_server()
+
+
+@pytest.fixture
+async def stubs(server: ServerHandle) -> AsyncIterator[Stubs]:
+    """Async stubs connected to ``server``."""
+    s = Stubs.connect(server.target)
+    yield s
+    await s.channel.close()

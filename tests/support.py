@@ -1,0 +1,168 @@
+"""Shared test helpers: request builders, stubs and status-detail decoding."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.rpc import error_details_pb2, status_pb2
+
+from longbatch.v1 import batch_pb2, batch_pb2_grpc, content_pb2, model_pb2_grpc
+
+
+@dataclass
+class Stubs:
+    """Async stubs over one channel."""
+
+    channel: grpc.aio.Channel
+    batches: batch_pb2_grpc.BatchServiceStub
+    ops: operations_pb2_grpc.OperationsStub
+    models: model_pb2_grpc.ModelServiceStub
+
+    @classmethod
+    def connect(cls, target: str) -> Stubs:
+        channel = grpc.aio.insecure_channel(target)
+        return cls(channel, batch_pb2_grpc.BatchServiceStub(channel), operations_pb2_grpc.OperationsStub(channel),
+                   model_pb2_grpc.ModelServiceStub(channel))
+
+
+def gen_request(text: str) -> content_pb2.GenerateContentRequest:
+    return content_pb2.GenerateContentRequest(
+        contents=[content_pb2.Content(role="user", parts=[content_pb2.Part(text=text)])]
+    )
+
+
+def generate_batch(n: int, model: str = "models/echo", **kw: object) -> batch_pb2.BatchGenerateContentRequest:
+    """A create request with ``n`` inlined prompts ``prompt {i}``, metadata ``{"i": i}``."""
+    reqs = []
+    for i in range(n):
+        r = batch_pb2.InlinedRequest(request=gen_request(f"prompt {i}"))
+        r.metadata["i"] = i
+        reqs.append(r)
+    request_id = str(kw.pop("request_id", ""))
+    batch = batch_pb2.GenerateContentBatch(
+        model=model, input_config=batch_pb2.InputConfig(requests=batch_pb2.InlinedRequests(requests=reqs)),
+        **kw,  # type: ignore[arg-type]
+    )
+    return batch_pb2.BatchGenerateContentRequest(batch=batch, request_id=request_id)
+
+
+def embed_batch(n: int, model: str = "models/echo", dim: int = 16) -> batch_pb2.AsyncBatchEmbedContentRequest:
+    reqs = []
+    for i in range(n):
+        r = batch_pb2.InlinedEmbedContentRequest(request=content_pb2.EmbedContentRequest(
+            content=content_pb2.Content(parts=[content_pb2.Part(text=f"doc {i}")]), output_dimensionality=dim))
+        r.metadata["i"] = i
+        reqs.append(r)
+    batch = batch_pb2.EmbedContentBatch(
+        model=model,
+        input_config=batch_pb2.InputEmbedContentConfig(requests=batch_pb2.InlinedEmbedContentRequests(requests=reqs)),
+    )
+    return batch_pb2.AsyncBatchEmbedContentRequest(batch=batch)
+
+
+def metadata_of(op: operations_pb2.Operation) -> batch_pb2.GenerateContentBatch | batch_pb2.EmbedContentBatch:
+    msg: batch_pb2.GenerateContentBatch | batch_pb2.EmbedContentBatch
+    if op.metadata.Is(batch_pb2.GenerateContentBatch.DESCRIPTOR):
+        msg = batch_pb2.GenerateContentBatch()
+    else:
+        msg = batch_pb2.EmbedContentBatch()
+    assert op.metadata.Unpack(msg)
+    return msg
+
+
+async def wait_done(stubs: Stubs, name: str, within: float = 30.0) -> operations_pb2.Operation:
+    """WaitOperation until done, bounded by ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{name} not done within {within}s"
+        req = operations_pb2.WaitOperationRequest(name=name)
+        req.timeout.FromNanoseconds(int(min(left, 10) * 1e9))
+        op = await stubs.ops.WaitOperation(req, timeout=min(left, 10) + 5)
+        if op.done:
+            return op
+
+
+@dataclass
+class Details:
+    """A decoded error: code, message, ErrorInfo reason and violations."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    domain: str
+    violations: list[tuple[str, str]]
+
+
+def details(err: grpc.aio.AioRpcError) -> Details:
+    """Decode ``grpc-status-details-bin`` and check it agrees with the status."""
+    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    assert raw is not None, f"no status details on {err.code()}: {err.details()}"
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == err.code().value[0]
+    assert status.message == err.details()
+    reason = domain = ""
+    violations: list[tuple[str, str]] = []
+    for d in status.details:
+        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            d.Unpack(info)
+            reason, domain = info.reason, info.domain
+        elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            d.Unpack(bad)
+            violations = [(v.field, v.description) for v in bad.field_violations]
+    assert reason and reason.upper() == reason, f"missing/odd ErrorInfo reason {reason!r}"
+    assert domain == "longbatch.dev"
+    return Details(err.code(), err.details() or "", reason, domain, violations)
+
+
+class ServerProcess:
+    """``longbatch serve`` as a child process, for kill/restart tests."""
+
+    def __init__(self, data_dir: Path, config: Path | None = None, extra: Sequence[str] = ()) -> None:
+        self.data_dir = data_dir
+        self.config = config
+        self.extra = list(extra)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def start(self, within: float = 20.0) -> str:
+        """Start (again) and return the target once it listens."""
+        args = ["-m", "longbatch.server.main", "--port", "0", "--data-dir", str(self.data_dir),
+                "--log-level", "WARNING", *self.extra]
+        if self.config:
+            args += ["--config", str(self.config)]
+        await self.ensure_dead()
+        self.proc = await asyncio.create_subprocess_exec(sys.executable, *args, stdout=asyncio.subprocess.PIPE)
+        assert self.proc.stdout is not None
+        line = (await asyncio.wait_for(self.proc.stdout.readline(), within)).decode()
+        assert line.startswith("longbatch listening on 127.0.0.1:"), line
+        self.port = int(line.rsplit(":", 1)[1])
+        return f"127.0.0.1:{self.port}"
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(self.proc.wait(), 10)
+
+    async def terminate(self, within: float = 20.0) -> int:
+        """SIGTERM and the exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), within)
+
+    async def ensure_dead(self) -> None:
+        """Kill the child if it still runs."""
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await asyncio.wait_for(self.proc.wait(), 10)
