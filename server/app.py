@@ -89,9 +89,9 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     models = {m.name: m for m in config.models}
     manager = BatchManager(store, executor, outputs, notifier, files, models, config.limits, tokens)
 
-    # Room for a maximal create call plus protobuf framing; larger messages
-    # are refused by gRPC with RESOURCE_EXHAUSTED before reaching a handler.
-    max_message = config.limits.max_create_bytes + (1 << 20)
+    # A create call over the limit is refused by gRPC itself with
+    # RESOURCE_EXHAUSTED before it is read into memory.
+    max_message = config.limits.max_create_bytes
     server = grpc.aio.server(
         interceptors=[EdgeInterceptor(Authenticator(config.api_keys))],
         options=[

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import sys
+import sysconfig
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +17,13 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from longbatch.v1 import batch_pb2, batch_pb2_grpc, content_pb2, model_pb2_grpc
+
+
+def tool(name: str) -> str | None:
+    """A command-line tool installed beside this interpreter (the dev extras
+    put buf and grpcurl into the venv's bin/, which need not be on PATH)."""
+    beside = Path(sysconfig.get_path("scripts")) / name
+    return str(beside) if beside.exists() else shutil.which(name)
 
 
 @dataclass

