@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,19 +12,22 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import _async as health_aio  # the public `health.aio` alias is missing from grpc-stubs
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from longbatch.v1 import batch_pb2_grpc, model_pb2_grpc
+from longbatch.v1 import batch_pb2_grpc, file_pb2_grpc, model_pb2_grpc
 
 from .backends import create_backend
 from .config import ServerConfig
+from .domain import Batch
 from .edge import Authenticator, EdgeInterceptor
 from .executor import Executor, ModelRuntime
 from .files import FileStorage
+from .ingest import ingest
 from .manager import BatchManager
 from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens
 from .reflection import enable_reflection
 from .services.batches import BatchService
+from .services.files import FileExpiry, FileService
 from .services.models import ModelService
 from .services.operations import OperationsService
 from .sqlite_store import SQLiteStore
@@ -32,6 +36,7 @@ log = logging.getLogger("longbatch")
 
 SERVICE_NAMES = (
     "longbatch.v1.BatchService",
+    "longbatch.v1.FileService",
     "longbatch.v1.ModelService",
     "google.longrunning.Operations",
     health.SERVICE_NAME,
@@ -48,6 +53,7 @@ class Running:
     executor: Executor
     store: SQLiteStore
     grace_s: float
+    file_expiry: FileExpiry | None = None
     _stopped: bool = False
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -60,6 +66,8 @@ class Running:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.executor.stop(grace)
+        if self.file_expiry is not None:
+            await self.file_expiry.stop()
         await self.store.close()
         log.info("longbatch stopped")
 
@@ -84,7 +92,12 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
         m.name: ModelRuntime(name=m.name, backend=create_backend(m), max_concurrency=m.max_concurrency)
         for m in config.models
     }
-    executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s)
+    async def read_input(batch: Batch) -> int:
+        assert batch.input_file is not None
+        return await ingest(batch, files.path(batch.input_file), config.limits,
+                            functools.partial(store.append_items, batch.id))
+
+    executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input)
     tokens = PageTokens(await store.secret("page-token-key"))
     models = {m.name: m for m in config.models}
     manager = BatchManager(store, executor, outputs, notifier, files, models, config.limits, tokens)
@@ -103,6 +116,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), server)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), server)
+    file_pb2_grpc.add_FileServiceServicer_to_server(FileService(store, files, config.limits, tokens), server)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, SERVICE_NAMES)
@@ -115,4 +129,6 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(bound, server, health_servicer, executor, store, config.grace_period_s)
+    file_expiry = FileExpiry(store, files, config.limits.file_ttl_s)
+    file_expiry.start()
+    return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry)

@@ -78,6 +78,8 @@ class Batch:
     """Generated responses file id, when the output is not inline."""
     webhook: bytes | None
     """Serialized longbatch.v1.WebhookConfig."""
+    ingested: bool
+    """False while a file batch's input is still being read and validated."""
 
     @property
     def name(self) -> str:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ from longbatch.v1 import content_pb2
 from .backends import Backend, BackendError
 from .config import ExecutorSettings
 from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
+from .ingest import IngestFailed
 from .notifier import Notifier
 from .outputs import Outputs
 from .store import Store
@@ -98,8 +99,10 @@ class Executor:
         outputs: Outputs,
         notifier: Notifier,
         batch_ttl_s: float,
+        read_input: Callable[[Batch], Awaitable[int]] | None = None,
     ) -> None:
         self._store = store
+        self._read_input = read_input
         self._models = models
         self._settings = settings
         self._outputs = outputs
@@ -109,6 +112,8 @@ class Executor:
         self._runs: dict[str, tuple[_Run, _ModelQueue]] = {}
         self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4 * settings.flush_max_items)
         self._finish_locks: dict[str, asyncio.Lock] = {}
+        self._ingests: dict[str, asyncio.Task[None]] = {}
+        self._ingest_slots = asyncio.Semaphore(2)
         self._workers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
@@ -171,7 +176,13 @@ class Executor:
             error = status_pb2.Status(code=code_pb2.NOT_FOUND, message=f"model {batch.model} is not configured")
             self._spawn(self.finish(batch.id, State.FAILED, error))
             return
-        if batch.id in self._runs:
+        if batch.id in self._runs or batch.id in self._ingests:
+            return
+        if not batch.ingested:
+            task = asyncio.create_task(self._ingest(batch), name=f"ingest-{batch.id}")
+            self._ingests[batch.id] = task
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return
         if batch.request_count and batch.pending == 0:
             self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
@@ -179,6 +190,32 @@ class Executor:
         run = _Run(batch.id, batch.seq, batch.kind, batch.priority, started=batch.state is State.RUNNING)
         self._runs[batch.id] = (run, queue)
         queue.add(run)
+
+    async def _ingest(self, batch: Batch) -> None:
+        """Read a file batch's input, then schedule it; FAILED if it is bad."""
+        try:
+            async with self._ingest_slots:
+                # A restart may find a half-read input: start it over.
+                await self._store.reset_ingest(batch.id)
+                if self._read_input is None:
+                    raise IngestFailed(status_pb2.Status(code=code_pb2.UNIMPLEMENTED, message="no file input"))
+                count = await self._read_input(batch)
+                ready = await self._store.finish_ingest(batch.id, count)
+        except IngestFailed as e:
+            self._ingests.pop(batch.id, None)
+            await self._store.reset_ingest(batch.id)
+            await self.finish(batch.id, State.FAILED, e.status)
+            return
+        except Exception:
+            self._ingests.pop(batch.id, None)
+            log.exception("reading the input of %s failed", batch.name)
+            await self._store.reset_ingest(batch.id)
+            await self.finish(batch.id, State.FAILED, _INTERNAL_INPUT)
+            return
+        self._ingests.pop(batch.id, None)
+        if ready is not None and not ready.done:
+            log.info("%s: %d requests read from files/%s", batch.name, count, batch.input_file)
+            self.submit(ready)
 
     def reprioritize(self, batch_id: str, priority: int) -> None:
         """Apply a new priority to the requests not yet started."""
@@ -333,6 +370,11 @@ class Executor:
                 if batch is None or batch.done:
                     return batch
                 self._unschedule(batch_id)
+                ingest = self._ingests.pop(batch_id, None)
+                if ingest is not None and ingest is not asyncio.current_task():
+                    ingest.cancel()
+                    await asyncio.gather(ingest, return_exceptions=True)
+                    await self._store.reset_ingest(batch_id)
                 rest, rest_status = _REST[state]
                 closed = await self._store.close_batch(
                     batch_id, state, error.SerializeToString() if error else None, rest,
@@ -364,6 +406,7 @@ class Executor:
                 log.exception("expiry sweep failed")
 
 
+_INTERNAL_INPUT = status_pb2.Status(code=code_pb2.INTERNAL, message="reading the input file failed; see the server log")
 _CANCELLED_BATCH = status_pb2.Status(code=code_pb2.CANCELLED, message="batch was cancelled")
 _EXPIRED_BATCH = status_pb2.Status(
     code=code_pb2.DEADLINE_EXCEEDED, message="batch did not finish within the server's batch TTL"

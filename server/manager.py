@@ -61,14 +61,15 @@ class BatchManager:
         if valid.model not in self._models:
             raise NotFound(f"model {valid.model} not found; see ListModels", reason="MODEL_NOT_FOUND",
                            violations=[("batch.model", "is not a configured model")])
+        input_file = None
         if valid.file_name is not None:
-            raise InvalidArgument(
-                "file input (input_config.file_name) is not supported yet; send requests inline",
-                reason="FILE_INPUT_UNSUPPORTED", violations=[("batch.input_config.file_name", "not supported yet")],
-            )
+            input_file = valid.file_name.removeprefix("files/")
+            if await self._store.get_file(tenant, input_file) is None:
+                raise NotFound(f"{valid.file_name} not found", reason="FILE_NOT_FOUND",
+                               violations=[("batch.input_config.file_name", "no such file")])
         new = NewBatch(
             id=new_id(), tenant=tenant, kind=valid.kind, model=valid.model, display_name=valid.display_name,
-            priority=valid.priority, input_file=None, webhook=valid.webhook, request_id=request_id or None,
+            priority=valid.priority, input_file=input_file, webhook=valid.webhook, request_id=request_id or None,
         )
         batch, created = await self._store.create_batch(
             new, valid.items, int(self._limits.request_id_ttl_s * 1_000_000)

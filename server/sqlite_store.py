@@ -89,11 +89,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX files_by_tenant ON files (tenant, seq);
     """,
+    # v2: file input is read in the background; until `ingested` is set the
+    # batch's requests are incomplete and must not run.
+    """
+    ALTER TABLE batches ADD COLUMN ingested INTEGER NOT NULL DEFAULT 1;
+    """,
 )
 
 _BATCH_COLUMNS = (
     "id, seq, tenant, kind, model, display_name, priority, state, done, create_time, update_time, "
-    "end_time, input_file, request_count, succeeded, failed, cancelled, expired, error, output_file, webhook"
+    "end_time, input_file, request_count, succeeded, failed, cancelled, expired, error, output_file, webhook, ingested"
 )
 _FILE_COLUMNS = "id, seq, tenant, display_name, mime_type, size_bytes, sha256, create_time, expire_time, source"
 _OUTCOME_COLUMN = {
@@ -111,7 +116,7 @@ def _batch(row: sqlite3.Row | tuple[Any, ...]) -> Batch:
         priority=row[6], state=State(row[7]), done=bool(row[8]), create_time_us=row[9],
         update_time_us=row[10], end_time_us=row[11], input_file=row[12], request_count=row[13],
         succeeded=row[14], failed=row[15], cancelled=row[16], expired=row[17], error=row[18],
-        output_file=row[19], webhook=row[20],
+        output_file=row[19], webhook=row[20], ingested=bool(row[21]),
     )
 
 
@@ -231,9 +236,11 @@ class SQLiteStore:
                     await conn.execute("UPDATE batches SET request_id = NULL WHERE seq = ?", (earlier.seq,))
             cur = await conn.execute(
                 "INSERT INTO batches (id, tenant, kind, model, display_name, priority, state, create_time, "
-                "update_time, input_file, webhook, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "update_time, input_file, webhook, request_id, ingested) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (batch.id, batch.tenant, batch.kind.value, batch.model, batch.display_name, batch.priority,
-                 int(State.PENDING), now, now, batch.input_file, batch.webhook, batch.request_id or None),
+                 int(State.PENDING), now, now, batch.input_file, batch.webhook, batch.request_id or None,
+                 int(batch.input_file is None)),
             )
             seq = cur.lastrowid
             count = 0
@@ -315,6 +322,37 @@ class SQLiteStore:
             if output_file:
                 await conn.execute("DELETE FROM files WHERE id = ?", (output_file,))
         return [output_file] if output_file else []
+
+    async def append_items(self, batch_id: str, items: Sequence[NewItem]) -> None:
+        """Add requests read from a batch's input file, in one transaction."""
+        async with self._tx() as conn:
+            async with conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return
+            await conn.executemany(
+                "INSERT INTO requests (batch_seq, idx, key, metadata, payload) VALUES (?, ?, ?, ?, ?)",
+                [(row[0], i.idx, i.key, i.metadata, i.payload) for i in items],
+            )
+
+    async def finish_ingest(self, batch_id: str, request_count: int) -> Batch | None:
+        """Mark a batch's requests complete; it may run from now on."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE batches SET ingested = 1, request_count = ?, update_time = ? WHERE id = ? AND done = 0",
+                (request_count, now_us(), batch_id),
+            )
+            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
+                row = await cur.fetchone()
+        return _batch(row) if row else None
+
+    async def reset_ingest(self, batch_id: str) -> None:
+        """Drop the requests of a batch whose ingest did not complete."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "DELETE FROM requests WHERE batch_seq = (SELECT seq FROM batches WHERE id = ? AND ingested = 0)",
+                (batch_id,),
+            )
 
     async def unfinished_batches(self) -> list[Batch]:
         """Batches not done, oldest first."""
@@ -485,3 +523,14 @@ class SQLiteStore:
                     raise StoreConflict("a batch that is not done reads this file")
             cur2 = await conn.execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
             return cur2.rowcount > 0
+
+    async def expired_files(self, now_us: int, limit: int = 1000) -> list[StoredFile]:
+        """Expired files that no unfinished batch reads (see Store)."""
+        # Generated files have no expire_time: they go with their batch.
+        rows = await self._all(
+            f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.expire_time IS NOT NULL AND f.expire_time <= ? "
+            "AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file = f.id AND b.done = 0) "
+            "ORDER BY f.seq LIMIT ?",
+            (now_us, limit),
+        )
+        return [_file(r) for r in rows]

@@ -63,6 +63,15 @@ class Store(Protocol):
         is unknown. Raises ``StoreConflict`` if the batch is not done.
         """
 
+    async def append_items(self, batch_id: str, items: Sequence[NewItem]) -> None:
+        """Add requests read from a batch's input file, in one transaction."""
+
+    async def finish_ingest(self, batch_id: str, request_count: int) -> Batch | None:
+        """Mark a batch's requests complete (``ingested``); it may run from now on."""
+
+    async def reset_ingest(self, batch_id: str) -> None:
+        """Drop the requests of a batch whose ingest did not complete."""
+
     async def unfinished_batches(self) -> list[Batch]:
         """Every batch not done yet, oldest first (for the executor's start)."""
 
@@ -113,6 +122,10 @@ class Store(Protocol):
     async def delete_file(self, tenant: str, file_id: str) -> bool:
         """Forget a file; False if unknown. Raises ``StoreConflict`` while a
         batch that is not done reads it."""
+
+    async def expired_files(self, now_us: int, limit: int = 1000) -> list[StoredFile]:
+        """Up to ``limit`` files whose expire time is at or before ``now_us``,
+        oldest first, leaving out those a batch that is not done reads."""
 
 
 class StoreConflict(Exception):

@@ -144,9 +144,9 @@ def _validate_inlined(
         if req.model and req.model != model:
             v.add(f"{where}.model", f"names {_show(req.model)} but the batch runs {_show(model)}")
         if isinstance(req, content_pb2.GenerateContentRequest):
-            _validate_generate(req, where, v)
+            validate_generate_request(req, where, v)
         else:
-            _validate_embed(req, where, v)
+            validate_embed_request(req, where, v)
         payload = req.SerializeToString()
         metadata = inlined.metadata.SerializeToString() if inlined.HasField("metadata") else None
         size = len(payload) + len(metadata or b"")
@@ -166,7 +166,8 @@ def _validate_content(content: content_pb2.Content, where: str, v: Violations) -
         v.add(f"{where}.role", f"must be 'user' or 'model', got {_show(content.role)}")
 
 
-def _validate_generate(req: content_pb2.GenerateContentRequest, where: str, v: Violations) -> None:
+def validate_generate_request(req: content_pb2.GenerateContentRequest, where: str, v: Violations) -> None:
+    """Check one generation request; violations are named under ``where``."""
     if not req.contents:
         v.add(f"{where}.contents", "must not be empty")
     for j, content in enumerate(req.contents):
@@ -189,7 +190,8 @@ def _validate_generate(req: content_pb2.GenerateContentRequest, where: str, v: V
         v.add(f"{at}.stop_sequences", "must have at most 5 entries")
 
 
-def _validate_embed(req: content_pb2.EmbedContentRequest, where: str, v: Violations) -> None:
+def validate_embed_request(req: content_pb2.EmbedContentRequest, where: str, v: Violations) -> None:
+    """Check one embedding request; violations are named under ``where``."""
     if not req.HasField("content") or not req.content.parts:
         v.add(f"{where}.content.parts", "must not be empty")
     else:
