@@ -27,6 +27,7 @@ from google.rpc import code_pb2, status_pb2
 from longbatch.v1 import content_pb2
 
 from .backends import Backend, BackendError
+from .backends.base import RawGenerate
 from .config import ExecutorSettings
 from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
 from .ingest import IngestFailed
@@ -113,11 +114,14 @@ class Executor:
         self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4 * settings.flush_max_items)
         self._finish_locks: dict[str, asyncio.Lock] = {}
         self._ingests: dict[str, asyncio.Task[None]] = {}
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._timed_out: set[asyncio.Task[Any]] = set()
         self._ingest_slots = asyncio.Semaphore(2)
         self._workers: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._writer: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.on_terminal: Callable[[Batch], None] | None = None
         """Called with each batch that becomes done (webhooks hook in here)."""
@@ -136,6 +140,7 @@ class Executor:
             for i in range(model.max_concurrency):
                 self._workers.append(asyncio.create_task(self._worker(name, model), name=f"worker-{name}-{i}"))
         self._sweeper = asyncio.create_task(self._expire_loop(), name="longbatch-expiry")
+        self._watchdog_task = asyncio.create_task(self._watchdog(), name="longbatch-watchdog")
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking work, let in-flight requests finish for up to ``grace_s``,
@@ -145,8 +150,9 @@ class Executor:
         self._stopping = True
         for q in self._queues.values():
             q.wakeup.set()
-        if self._sweeper:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._watchdog_task):
+            if task:
+                task.cancel()
         if self._workers:
             _, pending = await asyncio.wait(self._workers, timeout=grace_s)
             for task in pending:
@@ -287,23 +293,34 @@ class Executor:
 
     async def _execute(self, model: ModelRuntime, run: _Run, item: PendingItem) -> Outcome:
         settings = self._settings
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
         attempt = 0
         while True:
             attempt += 1
+            # The watchdog cancels calls past their deadline; registering is a
+            # dict write, where asyncio.timeout would cost a timer per call.
+            self._deadlines[task] = loop.time() + settings.request_timeout_s
             try:
-                async with asyncio.timeout(settings.request_timeout_s):
-                    result = await self._call(model.backend, run.kind, item.payload)
+                result = await self._call(model.backend, run.kind, item.payload)
                 return Outcome(run.batch_id, item.idx, ItemStatus.SUCCEEDED, result)
             except BackendError as e:
                 error, retryable, retry_after = e.code, e.retryable, e.retry_after_s
                 message = e.message
-            except TimeoutError:
+            except asyncio.CancelledError:
+                if task not in self._timed_out:
+                    raise
+                self._timed_out.discard(task)
+                task.uncancel()
                 error, retryable, retry_after = code_pb2.DEADLINE_EXCEEDED, True, None
                 message = f"backend did not answer within {settings.request_timeout_s:g}s"
             except Exception:
                 log.exception("backend of %s failed on batches/%s[%d]", model.name, run.batch_id, item.idx)
                 error, retryable, retry_after = code_pb2.INTERNAL, False, None
                 message = "the backend failed on this request; see the server log"
+            finally:
+                self._deadlines.pop(task, None)
             if not retryable or attempt >= settings.max_attempts or self._stopping or run.batch_id not in self._runs:
                 status = status_pb2.Status(code=error, message=message)
                 return Outcome(run.batch_id, item.idx, ItemStatus.FAILED, status.SerializeToString())
@@ -313,9 +330,26 @@ class Executor:
                 delay = max(delay, min(retry_after, settings.backoff_max_s * 6))
             await asyncio.sleep(delay)
 
+    async def _watchdog(self) -> None:
+        """Cancel backend calls that run past their deadline."""
+        interval = min(1.0, max(0.01, self._settings.request_timeout_s / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for task, deadline in list(self._deadlines.items()):
+                # A registered task is suspended inside its backend call, so
+                # the cancellation lands there and _execute turns it into a
+                # DEADLINE_EXCEEDED attempt.
+                if deadline <= now and task not in self._timed_out:
+                    self._timed_out.add(task)
+                    task.cancel()
+
     @staticmethod
     async def _call(backend: Backend, kind: BatchKind, payload: bytes) -> bytes:
         if kind is BatchKind.GENERATE:
+            if isinstance(backend, RawGenerate):
+                return await backend.generate_raw(payload)
             return (await backend.generate(content_pb2.GenerateContentRequest.FromString(payload))).SerializeToString()
         return (await backend.embed(content_pb2.EmbedContentRequest.FromString(payload))).SerializeToString()
 

@@ -54,6 +54,7 @@ class _LineParser:
         self._limits = limits
         self._lineno = 0
         self.count = 0
+        self._violations = Violations()  # reused while lines are valid
         self._parse: Callable[[bytes], tuple[str, content_pb2.GenerateContentRequest]] | Callable[
             [bytes], tuple[str, content_pb2.EmbedContentRequest]]
         if kind is BatchKind.GENERATE:
@@ -89,12 +90,13 @@ class _LineParser:
             key, request = self._parse(line)
         except LineError as e:
             return str(e)
-        v = Violations()
         if request.model and request.model != self._model:
-            v.add("request.model", f"names {request.model[:80]!r} but the batch runs {self._model!r}")
+            return f"request.model names {request.model[:80]!r} but the batch runs {self._model!r}"
+        v = self._violations
         self._check(request, "request", v)  # type: ignore[arg-type]
         if v.items:
             field_name, problem = v.items[0]
+            self._violations = Violations()
             return f"{field_name} {problem}"
         payload = request.SerializeToString()
         if len(payload) > self._limits.max_request_bytes:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import orjson
-from google.protobuf import json_format, struct_pb2
-from google.rpc import status_pb2
 
-from longbatch.v1 import content_pb2
-
-from . import convert
+from . import convert, jsonout
 from .domain import Batch, BatchKind, ItemStatus, ResultRow, State, StoredFile, now_us
 from .files import FileStorage, new_id
 from .store import Store
@@ -26,10 +23,7 @@ _PAGE = 2000
 # the batch itself: keep room for both under the client's receive limit.
 _COPIES = 2
 _HEADROOM = 64 << 10
-_RESPONSE_TYPES = {
-    BatchKind.GENERATE: content_pb2.GenerateContentResponse,
-    BatchKind.EMBED: content_pb2.EmbedContentResponse,
-}
+_RESPONSE_JSON = {BatchKind.GENERATE: jsonout.generate_response, BatchKind.EMBED: jsonout.embed_response}
 
 
 class Outputs:
@@ -67,11 +61,11 @@ class Outputs:
 
     async def _write_file(self, batch: Batch) -> str:
         file_id = new_id()
-        response_type = _RESPONSE_TYPES[batch.kind]
+        response_json = _RESPONSE_JSON[batch.kind]
         with self._files.writer(file_id) as out:
             lines: list[bytes] = []
             async for row in self.rows(batch.id):
-                lines.append(_jsonl_line(row, response_type))
+                lines.append(_jsonl_line(row, response_json))
                 if len(lines) >= _PAGE:
                     # File writes are small and sequential; keep them off the loop anyway.
                     await asyncio.to_thread(out.write, b"".join(lines))
@@ -114,13 +108,12 @@ class Outputs:
             self._cached -= len(data)
 
 
-def _jsonl_line(row: ResultRow, response_type: type[content_pb2.GenerateContentResponse]
-                | type[content_pb2.EmbedContentResponse]) -> bytes:
+def _jsonl_line(row: ResultRow, response_json: Callable[[bytes], dict[str, Any]]) -> bytes:
     line: dict[str, object] = {"key": row.key or str(row.idx)}
     if row.metadata is not None:
-        line["metadata"] = json_format.MessageToDict(struct_pb2.Struct.FromString(row.metadata))
+        line["metadata"] = jsonout.struct(row.metadata)
     if row.status is ItemStatus.SUCCEEDED:
-        line["response"] = json_format.MessageToDict(response_type.FromString(row.result))
+        line["response"] = response_json(row.result)
     else:
-        line["error"] = json_format.MessageToDict(status_pb2.Status.FromString(row.result))
+        line["error"] = jsonout.status(row.result)
     return orjson.dumps(line) + b"\n"

@@ -156,26 +156,42 @@ def _validate_inlined(
     return items
 
 
+_ROLES = frozenset(("", "user", "model"))
+
+
+def _content_ok(content: content_pb2.Content) -> bool:
+    # The common all-valid case, without building any field path.
+    parts = content.parts
+    return bool(parts) and content.role in _ROLES and all(p.WhichOneof("data") for p in parts)
+
+
 def _validate_content(content: content_pb2.Content, where: str, v: Violations) -> None:
+    if _content_ok(content):
+        return
     if not content.parts:
         v.add(f"{where}.parts", "must not be empty")
     for k, part in enumerate(content.parts):
         if part.WhichOneof("data") is None:
             v.add(f"{where}.parts[{k}]", "must set text or inline_data")
-    if content.role not in ("", "user", "model"):
+    if content.role not in _ROLES:
         v.add(f"{where}.role", f"must be 'user' or 'model', got {_show(content.role)}")
 
 
 def validate_generate_request(req: content_pb2.GenerateContentRequest, where: str, v: Violations) -> None:
     """Check one generation request; violations are named under ``where``."""
-    if not req.contents:
+    contents = req.contents
+    if not contents:
         v.add(f"{where}.contents", "must not be empty")
-    for j, content in enumerate(req.contents):
-        _validate_content(content, f"{where}.contents[{j}]", v)
+    for j, content in enumerate(contents):
+        if not _content_ok(content):
+            _validate_content(content, f"{where}.contents[{j}]", v)
     if req.HasField("system_instruction"):
         _validate_content(req.system_instruction, f"{where}.system_instruction", v)
-    cfg = req.generation_config
-    at = f"{where}.generation_config"
+    if req.HasField("generation_config"):
+        _validate_generation_config(req.generation_config, f"{where}.generation_config", v)
+
+
+def _validate_generation_config(cfg: content_pb2.GenerationConfig, at: str, v: Violations) -> None:
     if cfg.HasField("candidate_count") and not 1 <= cfg.candidate_count <= 8:
         v.add(f"{at}.candidate_count", "must be between 1 and 8")
     if cfg.HasField("max_output_tokens") and cfg.max_output_tokens < 1:

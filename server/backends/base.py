@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from google.rpc import code_pb2
 
@@ -31,6 +31,14 @@ class BackendError(Exception):
     def retryable(self) -> bool:
         """True for transient failures."""
         return self.code in RETRYABLE_CODES
+
+
+@runtime_checkable
+class RawGenerate(Protocol):
+    """Optional fast path: generation on serialized messages."""
+
+    async def generate_raw(self, payload: bytes) -> bytes:
+        """A serialized GenerateContentResponse for a serialized request."""
 
 
 class Backend(Protocol):
