@@ -27,7 +27,7 @@ from google.rpc import code_pb2, status_pb2
 from longbatch.v1 import content_pb2
 
 from .backends import Backend, BackendError
-from .backends.base import RawGenerate
+from .backends.base import BulkGenerate, RawGenerate
 from .config import ExecutorSettings
 from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
 from .ingest import IngestFailed
@@ -39,6 +39,7 @@ log = logging.getLogger("longbatch.executor")
 
 _REFILL = 1024
 _YIELD_EVERY = 64
+_BULK = 32
 _CANCELLED = status_pb2.Status(code=code_pb2.CANCELLED, message="batch was cancelled before this request ran")
 _EXPIRED = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="batch expired before this request finished")
 _REST = {
@@ -56,6 +57,18 @@ class ModelRuntime:
     name: str
     backend: Backend
     max_concurrency: int
+    raw_generate: Callable[[bytes], Awaitable[bytes]] | None = field(init=False)
+    """The backend's wire-level fast path, if it has one (checked once:
+    a runtime Protocol check per call costs more than the call)."""
+    raw_generate_many: Callable[[list[bytes]], Awaitable[list[bytes]]] | None = field(init=False)
+    """The backend's bulk fast path, if it offers one."""
+
+    def __post_init__(self) -> None:
+        raw = self.backend.generate_raw if isinstance(self.backend, RawGenerate) else None
+        object.__setattr__(self, "raw_generate", raw)
+        bulk = isinstance(self.backend, BulkGenerate) and self.backend.bulk
+        many = self.backend.generate_raw_many if bulk else None  # type: ignore[attr-defined]
+        object.__setattr__(self, "raw_generate_many", many)
 
 
 @dataclass(eq=False)
@@ -239,13 +252,15 @@ class Executor:
             if run in queue.runs:
                 queue.runs.remove(run)
 
-    def _next(self, queue: _ModelQueue) -> tuple[_Run, PendingItem] | None:
+    def _next(self, queue: _ModelQueue, most: int) -> tuple[_Run, list[PendingItem]] | None:
+        """Up to ``most`` requests of the first run (in priority order) that has any."""
         for run in queue.runs:
             if len(run.buffer) < _REFILL // 2 and not run.exhausted and not run.refilling:
                 run.refilling = True
                 self._spawn(self._refill(run, queue))
             if run.buffer:
-                return run, run.buffer.popleft()
+                buffer = run.buffer
+                return run, [buffer.popleft() for _ in range(min(most, len(buffer)))]
         return None
 
     async def _refill(self, run: _Run, queue: _ModelQueue) -> None:
@@ -275,21 +290,50 @@ class Executor:
 
     async def _worker(self, model_name: str, model: ModelRuntime) -> None:
         queue = self._queues[model_name]
+        bulk = model.raw_generate_many is not None
         done_without_yield = 0
         while not self._stopping:
-            picked = self._next(queue)
+            picked = self._next(queue, _BULK if bulk else 1)
             if picked is None:
                 queue.wakeup.clear()
                 await queue.wakeup.wait()
                 continue
-            run, item = picked
-            outcome = await self._execute(model, run, item)
-            await self._results.put(outcome)
-            done_without_yield += 1
+            run, items = picked
+            if len(items) > 1 and run.kind is BatchKind.GENERATE:
+                outcomes = await self._execute_bulk(model, run, items)
+            else:
+                outcomes = [await self._execute(model, run, item) for item in items]
+            for outcome in outcomes:
+                await self._results.put(outcome)
+            done_without_yield += len(items)
             if done_without_yield >= _YIELD_EVERY:
                 # A backend that never suspends (echo) must not starve the loop.
                 done_without_yield = 0
                 await asyncio.sleep(0)
+
+    async def _execute_bulk(self, model: ModelRuntime, run: _Run, items: list[PendingItem]) -> list[Outcome]:
+        """One bulk call for several requests; any failure falls back to the
+        per-request path, which owns retries and error reporting."""
+        assert model.raw_generate_many is not None
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = asyncio.get_running_loop().time() + self._settings.request_timeout_s
+        try:
+            results = await model.raw_generate_many([item.payload for item in items])
+        except asyncio.CancelledError:
+            if task not in self._timed_out:
+                raise
+            self._timed_out.discard(task)
+            task.uncancel()
+            results = None
+        except Exception:
+            results = None
+        finally:
+            self._deadlines.pop(task, None)
+        if results is None or len(results) != len(items):
+            return [await self._execute(model, run, item) for item in items]
+        batch_id, ok = run.batch_id, ItemStatus.SUCCEEDED
+        return [Outcome(batch_id, item.idx, ok, result) for item, result in zip(items, results, strict=True)]
 
     async def _execute(self, model: ModelRuntime, run: _Run, item: PendingItem) -> Outcome:
         settings = self._settings
@@ -303,7 +347,7 @@ class Executor:
             # dict write, where asyncio.timeout would cost a timer per call.
             self._deadlines[task] = loop.time() + settings.request_timeout_s
             try:
-                result = await self._call(model.backend, run.kind, item.payload)
+                result = await self._call(model, run.kind, item.payload)
                 return Outcome(run.batch_id, item.idx, ItemStatus.SUCCEEDED, result)
             except BackendError as e:
                 error, retryable, retry_after = e.code, e.retryable, e.retry_after_s
@@ -346,10 +390,11 @@ class Executor:
                     task.cancel()
 
     @staticmethod
-    async def _call(backend: Backend, kind: BatchKind, payload: bytes) -> bytes:
+    async def _call(model: ModelRuntime, kind: BatchKind, payload: bytes) -> bytes:
+        backend = model.backend
         if kind is BatchKind.GENERATE:
-            if isinstance(backend, RawGenerate):
-                return await backend.generate_raw(payload)
+            if model.raw_generate is not None:
+                return await model.raw_generate(payload)
             return (await backend.generate(content_pb2.GenerateContentRequest.FromString(payload))).SerializeToString()
         return (await backend.embed(content_pb2.EmbedContentRequest.FromString(payload))).SerializeToString()
 

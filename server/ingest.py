@@ -1,23 +1,27 @@
 """Reading a file batch's JSONL input: parse, validate, store in bulk.
 
-The file is read and parsed in chunks on a worker thread, so memory stays flat
-whatever the file size and the event loop keeps serving while a big file is
-read. Every line is validated before any request runs: one bad line fails the
+The file is cut into byte ranges on line boundaries; each range is parsed and
+validated by a worker process (parsing is CPU-bound and the GIL would keep it
+on one core), a few ranges ahead of the one being stored, so memory stays flat
+whatever the file size and the event loop keeps serving. Small files are
+parsed on a thread instead, sparing the process start.
+
+Every line is validated before any request runs: one bad line fails the
 batch, naming up to ``MAX_VIOLATIONS`` bad line numbers, and the requests
-already stored are dropped.
+already stored are dropped by the caller.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
 
 from google.rpc import code_pb2, status_pb2
-
-from longbatch.v1 import content_pb2
 
 from .config import Limits
 from .domain import Batch, BatchKind, NewItem
@@ -25,7 +29,13 @@ from .errors import make_status
 from .jsonl import LineError, parse_embed_line, parse_generate_line
 from .validate import MAX_VIOLATIONS, Violations, validate_embed_request, validate_generate_request
 
-CHUNK_LINES = 5000
+RANGE_BYTES = 4 << 20
+"""Bytes parsed per task: large enough to amortize the hop to a worker."""
+MAX_LINE_BYTES = 8 << 20
+"""A longer line is refused without being read into memory whole."""
+SMALL_FILE_BYTES = 1 << 20
+"""Files up to this size are parsed on a thread (no worker process start)."""
+_AHEAD = 3
 _FIELD = "batch.input_config.file_name"
 
 
@@ -38,102 +48,169 @@ class IngestFailed(Exception):
 
 
 @dataclass
-class _Chunk:
-    items: list[NewItem] = field(default_factory=list)
+class RangeResult:
+    """What one byte range of the input held."""
+
+    lines: int = 0
+    """Physical lines, blank ones included (for line numbers)."""
+    requests: int = 0
+    """Request lines, valid or not (for request indexes)."""
+    keys: list[str] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    """Serialized requests, when the range was valid and ``keep`` was asked."""
     bad: list[tuple[int, str]] = field(default_factory=list)
-    """(line number, problem) for invalid lines."""
-    eof: bool = False
+    """(line number within the range, 1-based; problem), at most MAX_VIOLATIONS."""
 
 
-class _LineParser:
-    """Thread-side state: reads lines and turns them into stored requests."""
+def split_ranges(path: Path, target: int | None = None) -> list[tuple[int, int]]:
+    """Byte ranges of about ``target`` bytes, each ending after a newline."""
+    target = target or RANGE_BYTES
+    size = path.stat().st_size
+    ranges = []
+    with path.open("rb") as f:
+        start = 0
+        while start < size:
+            end = min(start + target, size)
+            if end < size:
+                f.seek(end)
+                while True:  # to the end of the line, in bounded reads
+                    rest = f.readline(1 << 16)
+                    end += len(rest)
+                    if not rest or rest.endswith(b"\n"):
+                        break
+            ranges.append((start, end))
+            start = end
+    return ranges
 
-    def __init__(self, f: BinaryIO, kind: BatchKind, model: str, limits: Limits) -> None:
-        self._f = f
-        self._model = model
-        self._limits = limits
-        self._lineno = 0
-        self.count = 0
-        self._violations = Violations()  # reused while lines are valid
-        self._parse: Callable[[bytes], tuple[str, content_pb2.GenerateContentRequest]] | Callable[
-            [bytes], tuple[str, content_pb2.EmbedContentRequest]]
-        if kind is BatchKind.GENERATE:
-            self._parse, self._check = parse_generate_line, validate_generate_request
-        else:
-            self._parse, self._check = parse_embed_line, validate_embed_request  # type: ignore[assignment]
 
-    def next_chunk(self, keep_items: bool) -> _Chunk:
-        chunk = _Chunk()
-        limit = self._limits.max_file_lines
-        for _ in range(CHUNK_LINES):
-            raw = self._f.readline()
+def parse_range(path: str, start: int, end: int, kind: str, model: str, max_request_bytes: int,
+                keep: bool) -> RangeResult:
+    """Parse and validate the lines in ``[start, end)`` (runs in a worker)."""
+    generate = kind == BatchKind.GENERATE.value
+    parse = parse_generate_line if generate else parse_embed_line
+    check = validate_generate_request if generate else validate_embed_request
+    out = RangeResult()
+    violations = Violations()
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        while pos < end:
+            raw = f.readline(MAX_LINE_BYTES)
             if not raw:
-                chunk.eof = True
-                return chunk
-            self._lineno += 1
+                break
+            pos += len(raw)
+            out.lines += 1
+            if len(raw) == MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                while (more := f.readline(1 << 16)) and not more.endswith(b"\n"):
+                    pos += len(more)
+                pos += len(more)
+                out.requests += 1
+                _bad(out, f"line is longer than {MAX_LINE_BYTES} bytes")
+                continue
             line = raw.strip()
             if not line:
                 continue  # blank lines (and the last newline) are allowed
-            if self.count >= limit:
-                chunk.bad.append((self._lineno, f"the file has more than {limit} request lines"))
-                chunk.eof = True
-                return chunk
-            problem = self._line(line, chunk if keep_items else None)
-            if problem:
-                chunk.bad.append((self._lineno, problem))
-        return chunk
+            out.requests += 1
+            try:
+                key, request = parse(line)
+            except LineError as e:
+                _bad(out, str(e))
+                continue
+            if request.model and request.model != model:
+                _bad(out, f"request.model names {request.model[:80]!r} but the batch runs {model!r}")
+                continue
+            check(request, "request", violations)  # type: ignore[arg-type]
+            if violations.items:
+                field_name, problem = violations.items[0]
+                violations = Violations()
+                _bad(out, f"{field_name} {problem}")
+                continue
+            payload = request.SerializeToString()
+            if len(payload) > max_request_bytes:
+                _bad(out, f"request is {len(payload)} bytes; the limit is {max_request_bytes}")
+            elif keep and not out.bad:
+                out.keys.append(key)
+                out.payloads.append(payload)
+    return out
 
-    def _line(self, line: bytes, chunk: _Chunk | None) -> str | None:
-        idx = self.count
-        self.count += 1
-        try:
-            key, request = self._parse(line)
-        except LineError as e:
-            return str(e)
-        if request.model and request.model != self._model:
-            return f"request.model names {request.model[:80]!r} but the batch runs {self._model!r}"
-        v = self._violations
-        self._check(request, "request", v)  # type: ignore[arg-type]
-        if v.items:
-            field_name, problem = v.items[0]
-            self._violations = Violations()
-            return f"{field_name} {problem}"
-        payload = request.SerializeToString()
-        if len(payload) > self._limits.max_request_bytes:
-            return f"request is {len(payload)} bytes; the limit is {self._limits.max_request_bytes}"
-        if chunk is not None:
-            chunk.items.append(NewItem(idx=idx, key=key, metadata=None, payload=payload))
-        return None
+
+def _bad(out: RangeResult, problem: str) -> None:
+    if len(out.bad) < MAX_VIOLATIONS:
+        out.bad.append((out.lines, problem))
+    out.keys.clear()
+    out.payloads.clear()
+
+
+class ParsePool:
+    """Worker processes for parsing, started on first use, shared by ingests."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def get(self) -> Executor | None:
+        """The pool, or None when configured with no workers (threads then)."""
+        if self._workers <= 0:
+            return None
+        if self._pool is None:
+            # spawn: forking a process that runs gRPC threads is unsafe.
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the workers; safe to call twice."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 async def ingest(
-    batch: Batch, path: Path, limits: Limits, append: Callable[[list[NewItem]], Awaitable[None]]
+    batch: Batch, path: Path, limits: Limits, append: Callable[[list[NewItem]], Awaitable[None]],
+    pool: ParsePool | None = None,
 ) -> int:
     """Read ``path`` for ``batch``, storing requests through ``append``.
 
-    Returns the number of requests, or raises IngestFailed (nothing stored
-    then counts: the caller drops what was appended).
+    Returns the number of requests, or raises IngestFailed (the caller drops
+    whatever was appended).
     """
     try:
-        f = await asyncio.to_thread(path.open, "rb")
+        ranges = await asyncio.to_thread(split_ranges, path)
     except OSError as e:
         raise IngestFailed(make_status(code_pb2.NOT_FOUND, f"input file files/{batch.input_file} cannot be read",
                                        "INPUT_FILE_MISSING", [(_FIELD, e.strerror or "cannot be read")])) from None
+    executor = pool.get() if pool is not None and ranges and ranges[-1][1] > SMALL_FILE_BYTES else None
+    loop = asyncio.get_running_loop()
     bad: list[tuple[int, str]] = []
-    total_bad = 0
+    total_bad = count = line_base = 0
+    limit = limits.max_file_lines
+    pending: deque[asyncio.Future[RangeResult]] = deque()
+    next_range = 0
     try:
-        parser = _LineParser(f, batch.kind, batch.model, limits)
-        while True:
-            chunk = await asyncio.to_thread(parser.next_chunk, not bad)
-            if chunk.bad:
-                total_bad += len(chunk.bad)
-                bad.extend(chunk.bad[: MAX_VIOLATIONS - len(bad)])
-            elif chunk.items and not bad:
-                await append(chunk.items)
-            if chunk.eof or len(bad) >= MAX_VIOLATIONS:
+        while next_range < len(ranges) or pending:
+            while next_range < len(ranges) and len(pending) < _AHEAD:
+                start, end = ranges[next_range]
+                pending.append(loop.run_in_executor(
+                    executor, parse_range, str(path), start, end, batch.kind.value, batch.model,
+                    limits.max_request_bytes, not bad,
+                ))
+                next_range += 1
+            result = await pending.popleft()
+            total_bad += len(result.bad)
+            bad.extend((line_base + n, problem) for n, problem in result.bad[: MAX_VIOLATIONS - len(bad)])
+            if count + result.requests > limit:
+                bad.append((line_base + result.lines, f"the file has more than {limit} request lines"))
+                total_bad += 1
+                break
+            if not bad and result.payloads:
+                await append([NewItem(idx=count + i, key=k, metadata=None, payload=p)
+                              for i, (k, p) in enumerate(zip(result.keys, result.payloads, strict=True))])
+            count += result.requests
+            line_base += result.lines
+            if len(bad) >= MAX_VIOLATIONS:
                 break
     finally:
-        await asyncio.to_thread(f.close)
+        for fut in pending:
+            fut.cancel()
     if bad:
         first_line, first_problem = bad[0]
         more = f" ({total_bad} bad lines seen" + (", stopped reading at 100)" if len(bad) >= MAX_VIOLATIONS else ")")
@@ -141,11 +218,14 @@ async def ingest(
             code_pb2.INVALID_ARGUMENT,
             f"input file files/{batch.input_file} is invalid: line {first_line}: {first_problem}{more}",
             "INVALID_INPUT_FILE",
-            [(_FIELD, f"line {n}: {problem}") for n, problem in bad],
+            [(_FIELD, f"line {n}: {problem}") for n, problem in bad[:MAX_VIOLATIONS]],
         ))
-    if parser.count == 0:
+    if count == 0:
         raise IngestFailed(make_status(
             code_pb2.INVALID_ARGUMENT, f"input file files/{batch.input_file} has no request lines",
             "EMPTY_INPUT_FILE", [(_FIELD, "has no request lines")],
         ))
-    return parser.count
+    return count
+
+
+

@@ -163,3 +163,28 @@ async def test_deleting_a_file_in_use_is_refused(stubs: Stubs) -> None:
     await stubs.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
     await wait_done(stubs, op.name)
     await files.DeleteFile(file_pb2.DeleteFileRequest(name=name))
+
+
+@pytest.mark.timeout(120)
+async def test_worker_process_ingest_keeps_order_and_line_numbers(
+    stubs: Stubs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from longbatch.server import ingest
+
+    # Many small ranges, all parsed by the worker processes.
+    monkeypatch.setattr(ingest, "SMALL_FILE_BYTES", 0)
+    monkeypatch.setattr(ingest, "RANGE_BYTES", 16 << 10)
+    good = b"\n\n".join(generate_lines(3000))  # blank lines between requests shift line numbers
+    op = await wait_done(stubs, (await stubs.batches.BatchGenerateContent(
+        file_batch(await upload(stubs.channel, good)))).name, within=90)
+    output = batch_pb2.GenerateContentBatchOutput()
+    op.response.Unpack(output)
+    keys = [json.loads(x)["key"] for x in (await download(stubs.channel, output.responses_file)).splitlines()]
+    assert keys == [f"k{i}" for i in range(3000)]
+
+    lines = generate_lines(3000)
+    lines[2500] = b'{"request": {"contents": [{"parts": [{}]}]}}'
+    op = await wait_done(stubs, (await stubs.batches.BatchGenerateContent(
+        file_batch(await upload(stubs.channel, b"\n\n".join(lines))))).name, within=90)
+    assert metadata_of(op).state == FAILED
+    assert "line 5001:" in op.error.message  # request 2501 sits on physical line 5001

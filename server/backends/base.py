@@ -41,6 +41,23 @@ class RawGenerate(Protocol):
         """A serialized GenerateContentResponse for a serialized request."""
 
 
+@runtime_checkable
+class BulkGenerate(Protocol):
+    """Optional: answer many serialized requests in one call.
+
+    A backend offers it only when answering in bulk is cheaper than one call
+    per request (a local model that batches); any exception makes the
+    executor fall back to per-request calls with their retries.
+    """
+
+    @property
+    def bulk(self) -> bool:
+        """Whether generate_raw_many should be used at all."""
+
+    async def generate_raw_many(self, payloads: list[bytes]) -> list[bytes]:
+        """Serialized responses, one per payload, in order."""
+
+
 class Backend(Protocol):
     """A model server that answers one request at a time (concurrently)."""
 

@@ -90,6 +90,15 @@ class EchoBackend:
         usage = b"".join(_varint_field(n, v) for n, v in ((1, tokens), (2, tokens), (3, 2 * tokens)) if v)
         return _ld(1, candidate) + _ld(2, usage) + self._version_field
 
+    @property
+    def bulk(self) -> bool:
+        """Bulk answers only without simulated latency (which is per request)."""
+        return not self._latency_s
+
+    async def generate_raw_many(self, payloads: list[bytes]) -> list[bytes]:
+        """``generate_raw`` for each payload, in order."""
+        return [await self.generate_raw(p) for p in payloads]
+
     async def embed(self, request: content_pb2.EmbedContentRequest) -> content_pb2.EmbedContentResponse:
         """A unit vector that depends only on the text, title and task type."""
         if self._latency_s:
