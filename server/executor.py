@@ -171,6 +171,7 @@ class Executor:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*(m.backend.aclose() for m in self._models.values()), return_exceptions=True)
         if self._writer:
             await self._results.join()
             self._writer.cancel()
@@ -365,6 +366,11 @@ class Executor:
                 message = "the backend failed on this request; see the server log"
             finally:
                 self._deadlines.pop(task, None)
+                if task in self._timed_out:
+                    # The backend turned the watchdog's cancellation into
+                    # another error; clear it so later calls stay guarded.
+                    self._timed_out.discard(task)
+                    task.uncancel()
             if not retryable or attempt >= settings.max_attempts or self._stopping or run.batch_id not in self._runs:
                 status = status_pb2.Status(code=error, message=message)
                 return Outcome(run.batch_id, item.idx, ItemStatus.FAILED, status.SerializeToString())

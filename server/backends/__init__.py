@@ -5,12 +5,19 @@ from __future__ import annotations
 from ..config import ConfigError, ModelConfig
 from .base import Backend, BackendError
 from .echo import EchoBackend
+from .http import GeminiHttpBackend
 
-__all__ = ["Backend", "BackendError", "EchoBackend", "create_backend"]
+__all__ = ["Backend", "BackendError", "EchoBackend", "GeminiHttpBackend", "create_backend"]
 
 
 def create_backend(model: ModelConfig) -> Backend:
-    """Build the backend a model's config names."""
+    """Build the backend a model's config names.
+
+    Raises:
+        ConfigError: the backend is unknown or its options are bad.
+    """
     if model.backend == "echo":
         return EchoBackend(latency_s=model.latency_s)
-    raise ConfigError(f"{model.name}: unknown backend {model.backend!r} (built in: echo)")
+    if model.backend == "gemini-http":
+        return GeminiHttpBackend.from_config(model)
+    raise ConfigError(f"{model.name}: unknown backend {model.backend!r} (built in: echo, gemini-http)")
