@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .domain import Batch
 from .edge import Authenticator, EdgeInterceptor
 from .executor import Executor, ModelRuntime
 from .files import FileStorage
-from .ingest import ingest
+from .ingest import ParsePool, ingest
 from .manager import BatchManager
 from .notifier import Notifier
 from .outputs import Outputs
@@ -31,6 +32,7 @@ from .services.files import FileExpiry, FileService
 from .services.models import ModelService
 from .services.operations import OperationsService
 from .sqlite_store import SQLiteStore
+from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("longbatch")
 
@@ -54,6 +56,8 @@ class Running:
     store: SQLiteStore
     grace_s: float
     file_expiry: FileExpiry | None = None
+    webhooks: WebhookDispatcher | None = None
+    parse_pool: ParsePool | None = None
     _stopped: bool = False
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -66,6 +70,10 @@ class Running:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.executor.stop(grace)
+        if self.parse_pool is not None:
+            await asyncio.to_thread(self.parse_pool.close)
+        if self.webhooks is not None:  # after the executor: its last batches still enqueue
+            await self.webhooks.stop(grace)
         if self.file_expiry is not None:
             await self.file_expiry.stop()
         await self.store.close()
@@ -92,12 +100,16 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
         m.name: ModelRuntime(name=m.name, backend=create_backend(m), max_concurrency=m.max_concurrency)
         for m in config.models
     }
+    parse_pool = ParsePool(config.ingest_workers)
+
     async def read_input(batch: Batch) -> int:
         assert batch.input_file is not None
         return await ingest(batch, files.path(batch.input_file), config.limits,
-                            functools.partial(store.append_items, batch.id))
+                            functools.partial(store.append_items, batch.id), parse_pool)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input)
+    webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
+    executor.on_terminal = webhooks.on_terminal
     tokens = PageTokens(await store.secret("page-token-key"))
     models = {m.name: m for m in config.models}
     manager = BatchManager(store, executor, outputs, notifier, files, models, config.limits, tokens)
@@ -125,10 +137,12 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
+    await webhooks.start()
     await executor.start()
     await server.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     file_expiry = FileExpiry(store, files, config.limits.file_ttl_s)
     file_expiry.start()
-    return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry)
+    return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry,
+                   webhooks=webhooks, parse_pool=parse_pool)

@@ -125,6 +125,22 @@ class ExecutorSettings:
     """Results persisted per transaction at most."""
 
 
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Delivery of webhook notifications (API.md section 8)."""
+
+    max_attempts: int = 32
+    """POSTs per delivery before it is marked failed; with the defaults they span about 18 h."""
+    initial_backoff_s: float = 1.0
+    """First retry delay, seconds; doubles each attempt, with jitter (1 s)."""
+    max_backoff_s: float = 3600.0
+    """Cap on one retry delay, seconds, also on an honoured Retry-After (1 h)."""
+    timeout_s: float = 10.0
+    """Time one POST may take, connecting included, seconds (10 s)."""
+    max_concurrency: int = 8
+    """POSTs in flight at once (8)."""
+
+
 DEFAULT_MODELS = (
     ModelConfig(name="models/echo", backend="echo", max_concurrency=64, display_name="Echo (test model)"),
     ModelConfig(name="models/echo-slow", backend="echo", max_concurrency=16, latency_s=0.05,
@@ -144,10 +160,14 @@ class ServerConfig:
     """Input limits and lifetimes."""
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     """Executor tuning."""
-    webhook_secret: str = ""
+    webhook_secret: str = field(default="", repr=False)  # a signing key must never reach a log
     """HMAC-SHA256 key for webhook signatures; empty means unsigned."""
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
+    """Webhook delivery retries and timeouts."""
     grace_period_s: float = 10.0
     """Seconds in-flight RPCs get to finish on shutdown."""
+    ingest_workers: int = 2
+    """Processes that parse input files; 0 parses on a thread instead."""
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -212,6 +232,7 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
 
     hooks = data.get("webhooks", {})
     secret = _get(hooks, "secret", str, "webhooks") if "secret" in hooks else ""
+    webhooks = _webhook_settings(hooks)
 
     ex = data.get("executor", {})
     ex_kw: dict[str, Any] = {}
@@ -225,14 +246,38 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
 
     srv = data.get("server", {})
     grace = parse_duration(srv["grace_period"], "server.grace_period") if "grace_period" in srv else 10.0
+    ingest_workers = _get(srv, "ingest_workers", int, "server") if "ingest_workers" in srv else 2
+    if not 0 <= ingest_workers <= 16:
+        raise ConfigError("server.ingest_workers must be between 0 and 16")
     return ServerConfig(
         models=tuple(models) if models else DEFAULT_MODELS,
         api_keys=tuple(keys),
         limits=limits,
         executor=ExecutorSettings(**ex_kw),
         webhook_secret=secret,
+        webhooks=webhooks,
         grace_period_s=grace,
+        ingest_workers=ingest_workers,
     )
+
+
+def _webhook_settings(hooks: dict[str, Any]) -> WebhookSettings:
+    """The ``[webhooks]`` table less its ``secret``."""
+    kw: dict[str, Any] = {}
+    for key, value in hooks.items():
+        if key == "secret":
+            continue
+        if key in ("max_attempts", "max_concurrency"):
+            kw[key] = _get(hooks, key, int, "webhooks")
+            if kw[key] < 1:
+                raise ConfigError(f"webhooks.{key} must be at least 1")
+        elif key in ("initial_backoff", "max_backoff", "timeout"):
+            kw[f"{key}_s"] = parse_duration(value, f"webhooks.{key}")
+        else:
+            raise ConfigError(f"unknown key webhooks.{key}")
+    if kw.get("timeout_s", 1.0) <= 0:
+        raise ConfigError("webhooks.timeout must be positive")
+    return WebhookSettings(**kw)
 
 
 def load_config(path: Path | None) -> ServerConfig:

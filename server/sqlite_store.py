@@ -32,7 +32,7 @@ from .domain import (
     StoredFile,
     now_us,
 )
-from .store import StoreConflict
+from .store import DeliveryStatus, StoreConflict, WebhookDelivery
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -93,6 +93,25 @@ MIGRATIONS: tuple[str, ...] = (
     # batch's requests are incomplete and must not run.
     """
     ALTER TABLE batches ADD COLUMN ingested INTEGER NOT NULL DEFAULT 1;
+    """,
+    # v3: webhook deliveries, one row per (batch, uri), kept durable so that
+    # retries survive a restart. No foreign key: deleting a batch must not
+    # cancel the notification that it ended.
+    """
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        batch_id TEXT NOT NULL,
+        uri TEXT NOT NULL,
+        body BLOB NOT NULL,                  -- the exact bytes signed and sent on every attempt
+        status TEXT NOT NULL DEFAULT 'pending',  -- pending, delivered, failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_time INTEGER NOT NULL,  -- microseconds since the epoch
+        last_error TEXT,
+        create_time INTEGER NOT NULL,
+        update_time INTEGER NOT NULL,
+        UNIQUE (batch_id, uri)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_time) WHERE status = 'pending';
     """,
 )
 
@@ -534,3 +553,58 @@ class SQLiteStore:
             (now_us, limit),
         )
         return [_file(r) for r in rows]
+
+    # -- webhook deliveries -------------------------------------------------
+
+    async def add_webhook_deliveries(self, deliveries: Sequence[WebhookDelivery]) -> int:
+        """Insert PENDING deliveries, ignoring (batch, uri) pairs already stored."""
+        if not deliveries:
+            return 0
+        now = now_us()
+        async with self._tx() as conn:
+            before = conn.total_changes
+            await conn.executemany(
+                "INSERT OR IGNORE INTO webhook_deliveries (id, batch_id, uri, body, status, attempts, "
+                "next_attempt_time, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(d.id, d.batch_id, d.uri, d.body, DeliveryStatus.PENDING.value, d.attempts, d.next_attempt_us,
+                  now, now) for d in deliveries],
+            )
+            return conn.total_changes - before
+
+    async def batches_missing_webhooks(self) -> list[Batch]:
+        """Done batches with a webhook config and no delivery rows."""
+        rows = await self._all(
+            f"SELECT {_BATCH_COLUMNS} FROM batches b WHERE b.done = 1 AND LENGTH(b.webhook) > 0 "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.batch_id = b.id) ORDER BY b.seq",
+            (),
+        )
+        return [_batch(r) for r in rows]
+
+    async def due_webhook_deliveries(self, now_us: int, limit: int) -> list[WebhookDelivery]:
+        """PENDING deliveries due at ``now_us``, earliest first."""
+        rows = await self._all(
+            "SELECT id, batch_id, uri, body, attempts, next_attempt_time FROM webhook_deliveries "
+            "WHERE status = 'pending' AND next_attempt_time <= ? ORDER BY next_attempt_time LIMIT ?",
+            (now_us, limit),
+        )
+        return [WebhookDelivery(id=r[0], batch_id=r[1], uri=r[2], body=bytes(r[3]), attempts=r[4],
+                                next_attempt_us=r[5]) for r in rows]
+
+    async def next_webhook_time(self, after_us: int) -> int | None:
+        """Earliest PENDING attempt time after ``after_us``."""
+        row = await self._one(
+            "SELECT MIN(next_attempt_time) FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_time > ?",
+            (after_us,),
+        )
+        return int(row[0]) if row and row[0] is not None else None
+
+    async def record_webhook_attempt(
+        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
+    ) -> None:
+        """Store an attempt's outcome."""
+        async with self._tx() as conn:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET attempts = ?, status = ?, next_attempt_time = ?, last_error = ?, "
+                "update_time = ? WHERE id = ?",
+                (attempts, status.value, next_attempt_us, error, now_us(), delivery_id),
+            )

@@ -8,7 +8,9 @@ methods take bare ids because they act for the server itself.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from .domain import Batch, ItemStatus, NewBatch, NewItem, Outcome, PendingItem, ResultRow, State, StoredFile
@@ -128,5 +130,51 @@ class Store(Protocol):
         oldest first, leaving out those a batch that is not done reads."""
 
 
+    # -- webhook deliveries (server/webhooks.py) -------------------------------
+
+    async def add_webhook_deliveries(self, deliveries: Sequence[WebhookDelivery]) -> int:
+        """Store new PENDING deliveries; one already stored for the same
+        (batch, uri) is kept as it is. Returns how many were added."""
+
+    async def batches_missing_webhooks(self) -> list[Batch]:
+        """Done batches with a webhook config but no delivery stored (the
+        process died between ``mark_done`` and enqueueing them)."""
+
+    async def due_webhook_deliveries(self, now_us: int, limit: int) -> list[WebhookDelivery]:
+        """Up to ``limit`` PENDING deliveries due at ``now_us``, earliest first."""
+
+    async def next_webhook_time(self, after_us: int) -> int | None:
+        """The earliest attempt time of a PENDING delivery after ``after_us``."""
+
+    async def record_webhook_attempt(
+        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
+    ) -> None:
+        """Store the outcome of an attempt: its count, status and next time."""
+
+
 class StoreConflict(Exception):
     """The change is not allowed in the resource's current state."""
+
+
+class DeliveryStatus(enum.StrEnum):
+    """Where a webhook delivery stands; DELIVERED and FAILED are final."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookDelivery:
+    """One notification of one batch to one URI, with its retry state."""
+
+    id: str
+    """Random id, sent as ``X-Longbatch-Delivery`` so receivers can drop repeats."""
+    batch_id: str
+    uri: str
+    body: bytes
+    """The JSON body, fixed at enqueue time: every attempt sends (and signs) the same bytes."""
+    attempts: int
+    """Attempts made so far."""
+    next_attempt_us: int
+    """When the next attempt is due, microseconds since the epoch."""

@@ -1,0 +1,376 @@
+"""Webhooks (API.md section 8): a signed POST on every terminal state, retried
+with backoff, never blocking the batch, surviving a restart.
+
+Receivers are real aiohttp servers on 127.0.0.1:0; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from conftest import MakeServer
+from google.longrunning import operations_pb2
+from google.protobuf import struct_pb2
+
+from longbatch.server.config import ConfigError, ServerConfig, WebhookSettings, config_from_dict
+from longbatch.server.webhooks import loggable_uri, parse_retry_after
+from longbatch.v1 import batch_pb2
+
+from support import ServerProcess, Stubs, generate_batch, metadata_of, wait_done
+
+SECRET = "s3cret-webhook-key"
+SUCCEEDED = batch_pb2.BatchState.BATCH_STATE_SUCCEEDED
+
+
+@dataclass
+class Hit:
+    """One POST as the receiver saw it."""
+
+    at: float
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    answered: int
+
+    def json(self) -> dict[str, object]:
+        return json.loads(self.body)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Reply:
+    """What the receiver answers: a status, headers, after a delay."""
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+
+
+Plan = Callable[[str, int], Reply]
+"""(path, 1-based attempt on that path) -> reply."""
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1:0 recording every POST."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.hits: list[Hit] = []
+        self._changed = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.base = ""
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base = f"http://127.0.0.1:{port}"
+        return self.base
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        n = 1 + sum(1 for h in self.hits if h.path == request.path)
+        reply = self.plan(request.path, n)
+        self.hits.append(Hit(time.monotonic(), request.path, request.query_string, dict(request.headers), body,
+                             reply.status))
+        self._changed.set()
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        return web.Response(status=reply.status, headers=reply.headers)
+
+    def on(self, path: str) -> list[Hit]:
+        return [h for h in self.hits if h.path == path]
+
+    async def wait_for(self, check: Callable[[], bool], within: float = 15.0) -> None:
+        """Until ``check()`` holds, re-checked on each POST; bounded by ``within``."""
+        async with asyncio.timeout(within):
+            while not check():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[[Plan], Awaitable[Receiver]]]:
+    started: list[Receiver] = []
+
+    async def make(plan: Plan) -> Receiver:
+        r = Receiver(plan)
+        await r.start()
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        await r.stop()
+
+
+def fail_first(n: int, status: int = 500) -> Plan:
+    return lambda _path, attempt: Reply(status if attempt <= n else 200)
+
+
+def webhook_batch(uris: list[str], user_metadata: dict[str, object] | None = None, n: int = 3,
+                  model: str = "models/echo") -> batch_pb2.BatchGenerateContentRequest:
+    meta = struct_pb2.Struct()
+    if user_metadata:
+        meta.update(user_metadata)
+    config = batch_pb2.WebhookConfig(uris=uris, user_metadata=meta if user_metadata else None)
+    return generate_batch(n, model=model, webhook_config=config)
+
+
+def valid_signature(hit: Hit, secret: str = SECRET) -> bool:
+    expected = "sha256=" + hmac.new(secret.encode(), hit.body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(hit.headers.get("X-Longbatch-Signature", ""), expected)
+
+
+def delivery_rows(data_dir: Path) -> list[tuple[str, str, int, str | None]]:
+    """(uri, status, attempts, last_error) of every stored delivery."""
+    db = sqlite3.connect(data_dir / "longbatch.db")
+    try:
+        return db.execute(
+            "SELECT uri, status, attempts, last_error FROM webhook_deliveries ORDER BY uri").fetchall()
+    finally:
+        db.close()
+
+
+async def wait_rows(data_dir: Path, check: Callable[[list[tuple[str, str, int, str | None]]], bool],
+                    within: float = 10.0) -> list[tuple[str, str, int, str | None]]:
+    deadline = time.monotonic() + within
+    while True:
+        rows = delivery_rows(data_dir)
+        if check(rows):
+            return rows
+        assert time.monotonic() < deadline, f"delivery rows never matched: {rows}"
+        await asyncio.sleep(0.05)
+
+
+def fast(**kw: object) -> WebhookSettings:
+    settings: dict[str, object] = {"initial_backoff_s": 0.05, "max_backoff_s": 2.0, "timeout_s": 2.0,
+                                   "max_attempts": 10}
+    settings.update(kw)
+    return WebhookSettings(**settings)  # type: ignore[arg-type]
+
+
+async def test_signed_notification_is_retried_until_accepted(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="longbatch.webhooks")
+    rx = await receivers(lambda path, n: Reply(500 if path == "/a" and n <= 2 else 200))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast(initial_backoff_s=0.3)))
+    stubs = Stubs.connect(server.target)
+    try:
+        uris = [f"{rx.base}/a", f"{rx.base}/a", f"{rx.base}/b?token=hidden-from-logs"]  # a repeat is sent once
+        op = await stubs.batches.BatchGenerateContent(webhook_batch(uris, {"job": "nightly", "n": 2}))
+        op = await wait_done(stubs, op.name, within=15)
+        meta = metadata_of(op)
+        # The batch is done at once: two failures and their backoff (>= 0.7 s)
+        # cannot have passed yet, so it did not wait for the webhook.
+        assert meta.state == SUCCEEDED
+        assert all(h.answered != 200 for h in rx.on("/a"))
+
+        await rx.wait_for(lambda: len(rx.on("/a")) >= 3 and len(rx.on("/b")) >= 1)
+        a, b = rx.on("/a"), rx.on("/b")
+        assert [h.answered for h in a] == [500, 500, 200]
+        assert len(b) == 1 and b[0].query == "token=hidden-from-logs"
+        for hit in [*a, *b]:
+            assert valid_signature(hit)
+            assert not valid_signature(hit, "another key")
+            assert hit.headers["Content-Type"] == "application/json"
+            assert hit.headers["X-Longbatch-Timestamp"].isdigit()
+        # One delivery per URI: the same id and the same signed bytes on every attempt.
+        assert len({h.headers["X-Longbatch-Delivery"] for h in a}) == 1
+        assert a[0].headers["X-Longbatch-Delivery"] != b[0].headers["X-Longbatch-Delivery"]
+        assert len({h.body for h in [*a, *b]}) == 1
+        assert a[0].json() == {
+            "name": op.name,
+            "state": "BATCH_STATE_SUCCEEDED",
+            "batch_stats": {"requestCount": "3", "successfulRequestCount": "3", "failedRequestCount": "0",
+                            "pendingRequestCount": "0", "cancelledRequestCount": "0", "expiredRequestCount": "0"},
+            "end_time": meta.end_time.ToJsonString(),
+            "user_metadata": {"job": "nightly", "n": 2},
+        }
+        # Exponential backoff: 0.3 s then 0.6 s, each jittered down by at most 20 %.
+        gap1, gap2 = a[1].at - a[0].at, a[2].at - a[1].at
+        assert 0.23 <= gap1 and 0.47 <= gap2 and gap2 > gap1, (gap1, gap2)
+
+        rows = await wait_rows(server.data_dir, lambda rows: all(r[1] == "delivered" for r in rows))
+        assert [(r[1], r[2]) for r in rows] == [("delivered", 3), ("delivered", 1)]
+        # The batch itself never changed.
+        got = await stubs.ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name))
+        assert got.done and metadata_of(got).state == SUCCEEDED
+    finally:
+        await stubs.channel.close()
+    logs = "\n".join(r.getMessage() for r in caplog.records if r.name == "longbatch.webhooks")
+    batch_id = op.name.removeprefix("batches/")
+    for attempt, outcome in ((1, "failed (HTTP 500)"), (2, "failed (HTTP 500)"), (3, "delivered")):
+        assert f"webhook batches/{batch_id} -> {rx.base}/a: attempt {attempt} {outcome}" in logs
+    assert f"{rx.base}/b: attempt 1 delivered" in logs
+    assert "hidden-from-logs" not in logs and SECRET not in logs
+
+
+async def test_receiver_that_always_fails_gives_up_and_batch_is_unaffected(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(500))
+    server = await make_server(ServerConfig(webhooks=fast(max_attempts=3)))  # no secret: unsigned
+    stubs = Stubs.connect(server.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/hook"]))
+        op = await wait_done(stubs, op.name, within=15)
+        assert metadata_of(op).state == SUCCEEDED
+        rows = await wait_rows(server.data_dir, lambda rows: bool(rows) and rows[0][1] == "failed")
+        assert rows == [(f"{rx.base}/hook", "failed", 3, "HTTP 500")]
+        await asyncio.sleep(0.5)  # nothing after the last attempt
+        assert len(rx.hits) == 3
+        assert "X-Longbatch-Signature" not in rx.hits[0].headers
+        got = await stubs.ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name))
+        assert got.done and metadata_of(got).state == SUCCEEDED and got.HasField("response")
+    finally:
+        await stubs.channel.close()
+
+
+async def test_cancelled_batch_notifies(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(204))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()))
+    stubs = Stubs.connect(server.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(
+            webhook_batch([f"{rx.base}/cancelled"], {"k": "v"}, n=2000, model="models/echo-slow"))
+        await stubs.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
+        op = await wait_done(stubs, op.name, within=15)
+        assert metadata_of(op).state == batch_pb2.BatchState.BATCH_STATE_CANCELLED
+        await rx.wait_for(lambda: len(rx.hits) >= 1)
+        body = rx.hits[0].json()
+        assert body["state"] == "BATCH_STATE_CANCELLED" and body["user_metadata"] == {"k": "v"}
+        stats = body["batch_stats"]
+        assert isinstance(stats, dict) and int(stats["cancelledRequestCount"]) > 0
+        assert valid_signature(rx.hits[0])
+        await wait_rows(server.data_dir, lambda rows: [r[1] for r in rows] == ["delivered"])
+    finally:
+        await stubs.channel.close()
+
+
+async def test_timeout_and_retry_after_are_retried(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    replies = {1: Reply(200, delay=1.0), 2: Reply(503, {"Retry-After": "1"})}
+    rx = await receivers(lambda _path, n: replies.get(n, Reply(200)))
+    server = await make_server(ServerConfig(webhooks=fast(timeout_s=0.3)))
+    stubs = Stubs.connect(server.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/slow"]))
+        await wait_done(stubs, op.name, within=15)
+        await rx.wait_for(lambda: len(rx.hits) >= 3)
+        first, second, third = rx.hits[:3]
+        assert second.at - first.at >= 0.3  # the first attempt timed out, then was retried
+        assert third.at - second.at >= 0.95  # Retry-After: 1 beats a 0.1 s backoff
+        rows = await wait_rows(server.data_dir, lambda rows: [r[1] for r in rows] == ["delivered"])
+        assert rows[0][2] == 3
+    finally:
+        await stubs.channel.close()
+
+
+async def test_done_batch_without_deliveries_is_enqueued_on_start(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]], tmp_path: Path
+) -> None:
+    """The process may die between marking a batch done and storing its
+    deliveries: the next start finds such batches."""
+    rx = await receivers(lambda _path, _n: Reply(200))
+    data = tmp_path / "gap"
+    first = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()), data_dir=data)
+    stubs = Stubs.connect(first.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/gap"]))
+        await wait_done(stubs, op.name, within=15)
+        await rx.wait_for(lambda: len(rx.hits) == 1)
+    finally:
+        await stubs.channel.close()
+    await first.running.stop(grace_s=1.0)
+    db = sqlite3.connect(data / "longbatch.db")
+    try:
+        with db:
+            db.execute("DELETE FROM webhook_deliveries")  # as if the enqueue never happened
+    finally:
+        db.close()
+    await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()), data_dir=data)
+    await rx.wait_for(lambda: len(rx.hits) == 2)
+    assert rx.hits[1].json()["name"] == op.name and valid_signature(rx.hits[1])
+    await wait_rows(data, lambda rows: [r[1] for r in rows] == ["delivered"])
+
+
+@pytest.mark.timeout(120)
+async def test_pending_delivery_survives_sigkill(
+    tmp_path: Path, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    accept = False
+    rx = await receivers(lambda _path, _n: Reply(200 if accept else 500))
+    config = tmp_path / "longbatch.toml"
+    config.write_text(f'[webhooks]\nsecret = "{SECRET}"\nmax_attempts = 1000\ninitial_backoff = "100ms"\n'
+                      'max_backoff = "200ms"\ntimeout = "2s"\n')
+    data = tmp_path / "data"
+    proc = ServerProcess(data, config)
+    try:
+        stubs = Stubs.connect(await proc.start())
+        op = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/survive"], {"run": 7}))
+        assert metadata_of(await wait_done(stubs, op.name, within=15)).state == SUCCEEDED
+        await rx.wait_for(lambda: len(rx.hits) >= 2)
+        await stubs.channel.close()
+        await proc.kill()
+        before = len(rx.hits)
+        assert all(h.answered == 500 for h in rx.hits)
+        assert [r[1] for r in delivery_rows(data)] == ["pending"]
+
+        accept = True
+        stubs = Stubs.connect(await proc.start())
+        await rx.wait_for(lambda: any(h.answered == 200 for h in rx.hits))
+        delivered = next(h for h in rx.hits if h.answered == 200)
+        assert rx.hits.index(delivered) >= before
+        assert delivered.headers["X-Longbatch-Delivery"] == rx.hits[0].headers["X-Longbatch-Delivery"]
+        assert delivered.body == rx.hits[0].body and valid_signature(delivered)
+        assert delivered.json()["user_metadata"] == {"run": 7}
+        await wait_rows(data, lambda rows: [r[1] for r in rows] == ["delivered"])
+        await stubs.channel.close()
+        assert await proc.terminate() == 0
+    finally:
+        await proc.ensure_dead()
+
+
+def test_config_webhooks_section() -> None:
+    config = config_from_dict({"webhooks": {"secret": "hush-hush-42", "max_attempts": 5, "initial_backoff": "100ms",
+                                            "max_backoff": "1m", "timeout": "2s", "max_concurrency": 2}})
+    assert config.webhook_secret == "hush-hush-42"
+    assert config.webhooks == WebhookSettings(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=60.0,
+                                              timeout_s=2.0, max_concurrency=2)
+    assert "hush-hush-42" not in repr(config)  # the signing key never reaches a log
+    assert config_from_dict({}).webhooks == WebhookSettings()
+    for bad in ({"max_attempts": 0}, {"timeout": "0s"}, {"retries": 3}, {"max_attempts": "3"}):
+        with pytest.raises(ConfigError):
+            config_from_dict({"webhooks": bad})
+
+
+def test_helpers() -> None:
+    assert loggable_uri("https://user:pw@example.com:8443/h/x?token=1#f") == "https://example.com:8443/h/x"
+    assert loggable_uri("http://[::1]:9/x") == "http://[::1]:9/x"
+    assert parse_retry_after("120") == 120.0
+    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
