@@ -141,6 +141,21 @@ def batch_result(kind: BatchKind, row: ResultRow) -> batch_pb2.BatchResult:
     return msg
 
 
+_CLOSED_ITEMS = {
+    State.CANCELLED: (ItemStatus.CANCELLED, status_pb2.Status(
+        code=1, message="batch was cancelled before this request ran").SerializeToString()),
+    State.EXPIRED: (ItemStatus.EXPIRED, status_pb2.Status(
+        code=4, message="batch expired before this request finished").SerializeToString()),
+}
+_CLOSED_OTHER = (ItemStatus.CANCELLED, _CLOSED_ITEMS[State.CANCELLED][1])
+
+
+def closed_item(state: State) -> tuple[ItemStatus, bytes]:
+    """What an unfinished request of a batch closed in ``state`` counts and
+    reads as: CANCELLED (code 1) or, for EXPIRED, DEADLINE_EXCEEDED (code 4)."""
+    return _CLOSED_ITEMS.get(state, _CLOSED_OTHER)
+
+
 def struct_bytes(value: struct_pb2.Struct | None) -> bytes | None:
     """Serialized Struct, or None when unset."""
     return value.SerializeToString() if value is not None else None

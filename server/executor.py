@@ -39,14 +39,14 @@ log = logging.getLogger("longbatch.executor")
 
 _REFILL = 1024
 _YIELD_EVERY = 64
+_CANCEL_WAIT_S = 2.0
 _BULK = 32
-_CANCELLED = status_pb2.Status(code=code_pb2.CANCELLED, message="batch was cancelled before this request ran")
-_EXPIRED = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="batch expired before this request finished")
+# What a batch's unfinished requests count as when it ends in each state.
 _REST = {
-    State.SUCCEEDED: (ItemStatus.CANCELLED, _CANCELLED),
-    State.FAILED: (ItemStatus.CANCELLED, _CANCELLED),
-    State.CANCELLED: (ItemStatus.CANCELLED, _CANCELLED),
-    State.EXPIRED: (ItemStatus.EXPIRED, _EXPIRED),
+    State.SUCCEEDED: ItemStatus.CANCELLED,
+    State.FAILED: ItemStatus.CANCELLED,
+    State.CANCELLED: ItemStatus.CANCELLED,
+    State.EXPIRED: ItemStatus.EXPIRED,
 }
 
 
@@ -143,9 +143,14 @@ class Executor:
 
     async def start(self) -> None:
         """Resume unfinished batches and start the workers."""
+        cutoff = now_us() - self._batch_ttl_us
         for batch in await self._store.unfinished_batches():
             if batch.state.terminal:
                 self._spawn(self.finish(batch.id, batch.state, None))
+            elif batch.create_time_us < cutoff:
+                # Its TTL passed while the server was down: expire it now
+                # instead of running more of it until the first sweep.
+                self._spawn(self.finish(batch.id, State.EXPIRED, _EXPIRED_BATCH))
             else:
                 self.submit(batch)
         self._writer = asyncio.create_task(self._write_loop(), name="longbatch-writer")
@@ -439,8 +444,20 @@ class Executor:
     # -- ending batches -------------------------------------------------------------
 
     async def cancel(self, batch_id: str) -> Batch | None:
-        """Cancel a batch: finished results stay, the rest become CANCELLED."""
-        return await self.finish(batch_id, State.CANCELLED, _CANCELLED_BATCH)
+        """Cancel a batch: finished results stay, the rest become CANCELLED.
+
+        Returns once the batch is done, or after at most ``_CANCEL_WAIT_S``
+        with the batch closed (nothing more runs) while a large output is
+        still being written in the background.
+        """
+        closed = await self._close(batch_id, State.CANCELLED, _CANCELLED_BATCH)
+        if closed is None or closed.done:
+            return closed
+        task = asyncio.create_task(self._complete(batch_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        done, _ = await asyncio.wait({task}, timeout=_CANCEL_WAIT_S)
+        return task.result() if done else closed
 
     async def finish(self, batch_id: str, state: State, error: status_pb2.Status | None) -> Batch | None:
         """Bring a batch to a terminal state exactly once and make it done.
@@ -448,7 +465,21 @@ class Executor:
         Idempotent, and safe across restarts: a batch closed but not yet done
         (the process died in between) is finished with the state it has.
         """
-        lock = self._finish_locks.setdefault(batch_id, asyncio.Lock())
+        closed = await self._close(batch_id, state, error)
+        if closed is None or closed.done:
+            return closed
+        return await self._complete(batch_id)
+
+    def _lock(self, batch_id: str) -> asyncio.Lock:
+        return self._finish_locks.setdefault(batch_id, asyncio.Lock())
+
+    def _release(self, batch_id: str, lock: asyncio.Lock) -> None:
+        if not lock.locked() and self._finish_locks.get(batch_id) is lock:
+            del self._finish_locks[batch_id]
+
+    async def _close(self, batch_id: str, state: State, error: status_pb2.Status | None) -> Batch | None:
+        """Stop a batch's work and record its terminal state (first one wins)."""
+        lock = self._lock(batch_id)
         try:
             async with lock:
                 batch = await self._store.get_batch(None, batch_id)
@@ -460,18 +491,23 @@ class Executor:
                     ingest.cancel()
                     await asyncio.gather(ingest, return_exceptions=True)
                     await self._store.reset_ingest(batch_id)
-                rest, rest_status = _REST[state]
-                closed = await self._store.close_batch(
-                    batch_id, state, error.SerializeToString() if error else None, rest,
-                    rest_status.SerializeToString(),
-                )
-                if closed is None:
-                    return None
-                output_file = await self._outputs.write_if_large(closed)
+                return await self._store.close_batch(
+                    batch_id, state, error.SerializeToString() if error else None, _REST[state])
+        finally:
+            self._release(batch_id, lock)
+
+    async def _complete(self, batch_id: str) -> Batch | None:
+        """Write a closed batch's output and make it done."""
+        lock = self._lock(batch_id)
+        try:
+            async with lock:
+                batch = await self._store.get_batch(None, batch_id)
+                if batch is None or batch.done:
+                    return batch
+                output_file = await self._outputs.write_if_large(batch)
                 final = await self._store.mark_done(batch_id, output_file)
         finally:
-            if not lock.locked():
-                self._finish_locks.pop(batch_id, None)
+            self._release(batch_id, lock)
         self._notifier.done(batch_id)
         if final is not None:
             log.info("%s %s: %d ok, %d failed, %d cancelled, %d expired", final.name, final.state.name,

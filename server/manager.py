@@ -183,4 +183,4 @@ class BatchManager:
             raise InvalidArgument("start_index must not be negative",
                                   violations=[("start_index", "must not be negative")])
         batch = await self._get(tenant, batch_id)
-        return batch, self._outputs.rows(batch_id, start_index)
+        return batch, self._outputs.rows(batch, start_index)

@@ -37,12 +37,18 @@ class Outputs:
         self._cache_bytes = cache_bytes
         self._cached = 0
 
-    async def rows(self, batch_id: str, start_idx: int = 0) -> AsyncIterator[ResultRow]:
-        """Finished results in order from ``start_idx``, read page by page."""
+    async def rows(self, batch: Batch, start_idx: int = 0) -> AsyncIterator[ResultRow]:
+        """Results in order from ``start_idx``, read page by page: up to the
+        first unfinished request while the batch runs, all of them once it is
+        closed (unfinished ones then read as cancelled or expired)."""
+        closed = batch.state.terminal
+        rest_status, rest_result = convert.closed_item(batch.state)
         idx = start_idx
         while True:
-            page = await self._store.results(batch_id, idx, _PAGE)
+            page = await self._store.results(batch.id, idx, _PAGE, to_first_pending=not closed)
             for row in page:
+                if row.status is ItemStatus.PENDING:
+                    row = ResultRow(row.idx, row.key, row.metadata, rest_status, rest_result)
                 yield row
             if len(page) < _PAGE:
                 return
@@ -64,7 +70,7 @@ class Outputs:
         response_json = _RESPONSE_JSON[batch.kind]
         with self._files.writer(file_id) as out:
             lines: list[bytes] = []
-            async for row in self.rows(batch.id):
+            async for row in self.rows(batch):
                 lines.append(_jsonl_line(row, response_json))
                 if len(lines) >= _PAGE:
                     # File writes are small and sequential; keep them off the loop anyway.
@@ -88,7 +94,7 @@ class Outputs:
         if cached is not None:
             self._cache.move_to_end(batch.id)
             return cached
-        data = convert.inline_output([row async for row in self.rows(batch.id)])
+        data = convert.inline_output([row async for row in self.rows(batch)])
         self._remember(batch.id, data)
         return data
 

@@ -406,14 +406,13 @@ class SQLiteStore:
                 by_batch.setdefault(o.batch_id, []).append(o)
             now = now_us()
             for batch_id, items in by_batch.items():
-                async with conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)) as cur:
+                async with conn.execute("SELECT seq, state FROM batches WHERE id = ?", (batch_id,)) as cur:
                     row = await cur.fetchone()
-                if row is None:
-                    continue
+                if row is None or State(row[1]).terminal:
+                    continue  # a closed batch takes no more results
                 seq = row[0]
                 # Only requests still PENDING take a result; count what changed
-                # by status so the counters stay exact even if a result arrives
-                # after the batch was closed.
+                # by status so a result delivered twice never counts twice.
                 counts: Counter[ItemStatus] = Counter()
                 for status in {o.status for o in items}:
                     group = [(o.result, seq, o.idx) for o in items if o.status is status]
@@ -433,32 +432,20 @@ class SQLiteStore:
                     touched[batch_id] = _batch(updated)
         return touched
 
-    async def close_batch(
-        self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus, rest_result: bytes
-    ) -> Batch | None:
-        """Set the terminal state and finish PENDING requests (see Store)."""
+    async def close_batch(self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus) -> Batch | None:
+        """Set the terminal state; unfinished requests now count as ``rest``.
+
+        Their rows are left as they are (reading a closed batch maps PENDING
+        rows to ``rest``), so closing a batch of a million costs one update.
+        """
+        column = _OUTCOME_COLUMN[rest]
         async with self._tx() as conn:
-            async with conn.execute(
-                "SELECT seq, state FROM batches WHERE id = ?", (batch_id,)
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                return None
-            seq, current = row
-            if not State(current).terminal:
-                before = conn.total_changes
-                await conn.execute(
-                    f"UPDATE requests SET status = {int(rest)}, result = ? WHERE batch_seq = ? AND status = 0",
-                    (rest_result, seq),
-                )
-                n = conn.total_changes - before
-                column = _OUTCOME_COLUMN[rest]
-                await conn.execute(
-                    f"UPDATE batches SET state = ?, error = ?, {column} = {column} + ?, update_time = ? "
-                    "WHERE seq = ?",
-                    (int(state), error, n, now_us(), seq),
-                )
-            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)) as cur:
+            await conn.execute(
+                f"UPDATE batches SET state = ?, error = ?, {column} = request_count - succeeded - failed, "
+                "update_time = ? WHERE id = ? AND state < ?",
+                (int(state), error, now_us(), batch_id, int(State.SUCCEEDED)),
+            )
+            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
                 updated = await cur.fetchone()
         return _batch(updated) if updated else None
 
@@ -475,8 +462,10 @@ class SQLiteStore:
                 row = await cur.fetchone()
         return _batch(row) if row else None
 
-    async def results(self, batch_id: str, start_idx: int, limit: int) -> list[ResultRow]:
-        """Finished requests from ``start_idx`` up to the first unfinished one."""
+    async def results(self, batch_id: str, start_idx: int, limit: int, *, to_first_pending: bool = True
+                      ) -> list[ResultRow]:
+        """Requests from ``start_idx`` in order, up to the first PENDING one
+        unless ``to_first_pending`` is False (then PENDING rows come too)."""
         rows = await self._all(
             "SELECT r.idx, r.key, r.metadata, r.status, r.result FROM requests r "
             "JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ? AND r.idx >= ? ORDER BY r.idx LIMIT ?",
@@ -484,15 +473,17 @@ class SQLiteStore:
         )
         out = []
         for r in rows:
-            if r[3] == ItemStatus.PENDING:
+            if r[3] == ItemStatus.PENDING and to_first_pending:
                 break
-            out.append(ResultRow(idx=r[0], key=r[1], metadata=r[2], status=ItemStatus(r[3]), result=r[4]))
+            out.append(ResultRow(idx=r[0], key=r[1], metadata=r[2], status=ItemStatus(r[3]), result=r[4] or b""))
         return out
 
     async def output_size(self, batch_id: str) -> int:
         """Total bytes of results and metadata."""
         row = await self._one(
-            "SELECT COALESCE(SUM(LENGTH(r.result)), 0) + COALESCE(SUM(LENGTH(r.metadata)), 0) + COUNT(*) * 8 "
+            # An unfinished request of a closed batch reads as a ~64-byte status.
+            "SELECT COALESCE(SUM(COALESCE(LENGTH(r.result), 64)), 0) + COALESCE(SUM(LENGTH(r.metadata)), 0) "
+            "+ COUNT(*) * 16 "
             "FROM requests r JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ?",
             (batch_id,),
         )

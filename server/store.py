@@ -90,10 +90,9 @@ class Store(Protocol):
         never counted twice. Returns the touched batches after the write.
         """
 
-    async def close_batch(
-        self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus, rest_result: bytes
-    ) -> Batch | None:
-        """Give a batch its terminal state, marking PENDING requests ``rest``.
+    async def close_batch(self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus) -> Batch | None:
+        """Give a batch its terminal state; its unfinished requests count as
+        ``rest`` (and read as ``rest`` from now on).
 
         Keeps an existing terminal state (a restart re-closing a batch). The
         batch is not ``done`` until ``mark_done``. Returns None if unknown.
@@ -102,9 +101,10 @@ class Store(Protocol):
     async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
         """Make a closed batch ``done``; after this it never changes."""
 
-    async def results(self, batch_id: str, start_idx: int, limit: int) -> list[ResultRow]:
-        """Finished requests with ``idx >= start_idx`` in idx order, stopping at
-        the first unfinished one."""
+    async def results(self, batch_id: str, start_idx: int, limit: int, *, to_first_pending: bool = True
+                      ) -> list[ResultRow]:
+        """Requests with ``idx >= start_idx`` in idx order, stopping at the
+        first unfinished one unless ``to_first_pending`` is False."""
 
     async def output_size(self, batch_id: str) -> int:
         """Bytes of all results and metadata of a batch (to size its output)."""
