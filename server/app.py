@@ -27,6 +27,7 @@ from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens
 from .reflection import enable_reflection
+from .retention import RetentionPurge
 from .services.batches import BatchService
 from .services.files import FileExpiry, FileService
 from .services.models import ModelService
@@ -58,6 +59,7 @@ class Running:
     file_expiry: FileExpiry | None = None
     webhooks: WebhookDispatcher | None = None
     parse_pool: ParsePool | None = None
+    retention: RetentionPurge | None = None
     _stopped: bool = False
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -76,6 +78,8 @@ class Running:
             await self.webhooks.stop(grace)
         if self.file_expiry is not None:
             await self.file_expiry.stop()
+        if self.retention is not None:  # before the store closes: a purge step finishes first
+            await self.retention.stop()
         await self.store.close()
         log.info("longbatch stopped")
 
@@ -144,5 +148,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     file_expiry = FileExpiry(store, files, config.limits.file_ttl_s)
     file_expiry.start()
+    retention = RetentionPurge(store, files, outputs, config.limits.retention_s)
+    retention.start()
     return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry,
-                   webhooks=webhooks, parse_pool=parse_pool)
+                   webhooks=webhooks, parse_pool=parse_pool, retention=retention)

@@ -70,6 +70,8 @@ class Limits:
     """Seconds an uploaded file lives (48 h)."""
     request_id_ttl_s: float = 24 * 3600.0
     """Seconds a create ``request_id`` stays deduplicated (24 h)."""
+    retention_s: float = 30 * 86400.0
+    """Seconds a done batch (by end time) and its generated files are kept before they are purged (30 d)."""
     max_file_bytes: int = 2 << 30
     """Bytes of one uploaded file (2 GiB)."""
     max_file_lines: int = 5_000_000
@@ -190,7 +192,7 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
             kw[key] = _get(lim, key, int, "limits")
         elif key in ("max_inline_output", "max_create_bytes", "max_request_bytes", "max_file_bytes"):
             kw[key] = parse_size(value, f"limits.{key}")
-        elif key in ("batch_ttl", "file_ttl", "request_id_ttl"):
+        elif key in ("batch_ttl", "file_ttl", "request_id_ttl", "retention"):
             kw[f"{key}_s"] = parse_duration(value, f"limits.{key}")
         else:
             raise ConfigError(f"unknown key limits.{key}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -70,7 +70,7 @@ class Authenticator:
         """True when no keys are configured: every caller is one tenant."""
         return not self._keys
 
-    def tenant_for(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+    def tenant_for(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         """Return the caller's tenant or raise Unauthenticated."""
         if self.open:
             return OPEN_TENANT
@@ -108,24 +108,31 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, auth: Authenticator) -> None:
         self._auth = auth
+        # Wrapped handlers per method: the servicers never change, and
+        # wrapping anew on every call is a measurable share of a cheap RPC.
+        self._wrapped: dict[str, Handler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler:
+        method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED
             return handler  # type: ignore[unreachable]
-        method: str = handler_call_details.method
         public = method.startswith(_PUBLIC_PREFIXES)
-        metadata = handler_call_details.invocation_metadata
-        return _wrap(handler, method, None if public else lambda: self._auth.tenant_for(metadata))
+        wrapped = _wrap(handler, method, None if public else self._auth)
+        self._wrapped[method] = wrapped
+        return wrapped
 
 
-def _wrap(handler: Handler, method: str, authenticate: Callable[[], str] | None) -> Handler:
-    def enter() -> None:
-        _tenant.set(authenticate() if authenticate else OPEN_TENANT)
+def _wrap(handler: Handler, method: str, auth: Authenticator | None) -> Handler:
+    def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        _tenant.set(auth.tenant_for(context.invocation_metadata()) if auth and not auth.open else OPEN_TENANT)
 
     async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         if isinstance(exc, ServiceError):
@@ -136,7 +143,7 @@ def _wrap(handler: Handler, method: str, authenticate: Callable[[], str] | None)
     def unary(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                enter()
+                enter(context)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -148,7 +155,7 @@ def _wrap(handler: Handler, method: str, authenticate: Callable[[], str] | None)
     def streaming(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
-                enter()
+                enter(context)
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:

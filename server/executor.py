@@ -155,7 +155,13 @@ class Executor:
                 self.submit(batch)
         self._writer = asyncio.create_task(self._write_loop(), name="longbatch-writer")
         for name, model in self._models.items():
-            for i in range(model.max_concurrency):
+            # A bulk backend serves up to _BULK requests per call, so fewer
+            # workers reach the same concurrency, and fewer runnable tasks per
+            # loop turn keep RPCs responsive while a big batch runs.
+            workers = model.max_concurrency
+            if model.raw_generate_many is not None:
+                workers = max(1, -(-model.max_concurrency // _BULK))
+            for i in range(workers):
                 self._workers.append(asyncio.create_task(self._worker(name, model), name=f"worker-{name}-{i}"))
         self._sweeper = asyncio.create_task(self._expire_loop(), name="longbatch-expiry")
         self._watchdog_task = asyncio.create_task(self._watchdog(), name="longbatch-watchdog")

@@ -32,7 +32,7 @@ from .domain import (
     StoredFile,
     now_us,
 )
-from .store import DeliveryStatus, StoreConflict, WebhookDelivery
+from .store import DeliveryStatus, Purged, StoreConflict, WebhookDelivery
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -113,6 +113,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_time) WHERE status = 'pending';
     """,
+    # v4: retention purges done batches oldest end first; without this index
+    # every sweep would scan all batches.
+    """
+    CREATE INDEX batches_done_by_end ON batches (end_time) WHERE done = 1;
+    """,
 )
 
 _BATCH_COLUMNS = (
@@ -153,6 +158,7 @@ class SQLiteStore:
         self._path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._quick: sqlite3.Connection | None = None
         self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
@@ -162,6 +168,12 @@ class SQLiteStore:
         await self._migrate(self._writer)
         self._reader = await self._connect()
         await self._reader.execute("PRAGMA query_only = ON")
+        # Point reads run on the event loop's thread: in WAL mode a reader
+        # never waits for the writer, and a ~10 µs query beats a ~100 µs
+        # hop to aiosqlite's thread on the GetOperation path.
+        self._quick = sqlite3.connect(self._path, isolation_level=None)
+        self._quick.execute("PRAGMA query_only = ON")
+        self._quick.execute("PRAGMA busy_timeout = 1000")
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
@@ -187,7 +199,10 @@ class SQLiteStore:
             await conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
 
     async def close(self) -> None:
-        """Close both connections; safe to call twice."""
+        """Close the connections; safe to call twice."""
+        if self._quick is not None:
+            self._quick.close()
+            self._quick = None
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
@@ -205,13 +220,29 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         async with self._write_lock:
             conn = self._writer
-            await conn.execute("BEGIN IMMEDIATE")
             try:
+                # Inside the try: a task cancelled while awaiting BEGIN (expiry
+                # or cancel stopping an ingest) has still begun the transaction
+                # on aiosqlite's thread, and an open one would wedge the writer.
+                await conn.execute("BEGIN IMMEDIATE")
                 yield conn
             except BaseException:
-                await conn.execute("ROLLBACK")
+                try:
+                    await conn.execute("ROLLBACK")
+                except sqlite3.OperationalError:
+                    pass  # BEGIN itself failed: nothing to roll back
                 raise
             await conn.execute("COMMIT")
+
+    def _quick_one(self, sql: str, params: Sequence[object]) -> Any:
+        if self._quick is None:
+            raise RuntimeError("store is not open")
+        return self._quick.execute(sql, params).fetchone()
+
+    def _quick_all(self, sql: str, params: Sequence[object]) -> list[Any]:
+        if self._quick is None:
+            raise RuntimeError("store is not open")
+        return self._quick.execute(sql, params).fetchall()
 
     async def _one(self, sql: str, params: Sequence[object]) -> Any:
         async with self._r.execute(sql, params) as cur:
@@ -287,7 +318,7 @@ class SQLiteStore:
 
     async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
         """The batch, scoped to ``tenant`` unless it is None."""
-        row = await self._one(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,))
+        row = self._quick_one(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,))
         if row is None or (tenant is not None and row[2] != tenant):
             return None
         return _batch(row)
@@ -296,7 +327,7 @@ class SQLiteStore:
         self, tenant: str, where: str, params: Sequence[object], before_seq: int | None, limit: int
     ) -> list[Batch]:
         """Newest first, keyset-paged on seq (see Store)."""
-        rows = await self._all(
+        rows = self._quick_all(
             f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND seq < ? AND ({where}) "
             "ORDER BY seq DESC LIMIT ?",
             (tenant, before_seq if before_seq is not None else 2**62, *params, limit),
@@ -496,6 +527,46 @@ class SQLiteStore:
         )
         return [r[0] for r in rows]
 
+    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
+        """Delete old done batches in one bounded transaction (see Store)."""
+        batch_ids: list[str] = []
+        file_ids: list[str] = []
+        budget = max_requests
+        async with self._tx() as conn:
+            async with conn.execute(
+                "SELECT seq, id, output_file FROM batches WHERE done = 1 AND end_time < ? ORDER BY end_time LIMIT ?",
+                (ended_before_us, max_batches),
+            ) as cur:
+                rows = list(await cur.fetchall())
+            more = len(rows) == max_batches
+            for seq, batch_id, output_file in rows:
+                # The idx before the last `budget` requests: None when the
+                # rest of the batch fits in this step.
+                async with conn.execute(
+                    "SELECT idx FROM requests WHERE batch_seq = ? ORDER BY idx DESC LIMIT 1 OFFSET ?", (seq, budget)
+                ) as cur:
+                    cut = await cur.fetchone()
+                if cut is not None:
+                    more = True
+                    if not batch_ids:
+                        # Too big for one step: its last requests go now and
+                        # the row stays until the final step, so a reader
+                        # sees a shorter tail, never a gap, and its seq cannot
+                        # be reused (requests are keyed by it) meanwhile.
+                        await conn.execute("DELETE FROM requests WHERE batch_seq = ? AND idx > ?", (seq, cut[0]))
+                    break
+                before = conn.total_changes
+                await conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,))
+                budget -= conn.total_changes - before
+                await conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+                if output_file:
+                    # Only generated files are outputs; inputs follow file_ttl.
+                    gone = await conn.execute("DELETE FROM files WHERE id = ? AND source = 'generated'", (output_file,))
+                    if gone.rowcount > 0:
+                        file_ids.append(output_file)
+                batch_ids.append(batch_id)
+        return Purged(batch_ids, file_ids, more)
+
     # -- files --------------------------------------------------------------
 
     async def add_file(self, file: StoredFile) -> None:
@@ -510,14 +581,14 @@ class SQLiteStore:
 
     async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
         """The file, scoped to ``tenant`` unless it is None."""
-        row = await self._one(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
+        row = self._quick_one(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = ?", (file_id,))
         if row is None or (tenant is not None and row[2] != tenant):
             return None
         return _file(row)
 
     async def list_files(self, tenant: str, before_seq: int | None, limit: int) -> list[StoredFile]:
         """Newest first, keyset-paged on seq."""
-        rows = await self._all(
+        rows = self._quick_all(
             f"SELECT {_FILE_COLUMNS} FROM files WHERE tenant = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
             (tenant, before_seq if before_seq is not None else 2**62, limit),
         )

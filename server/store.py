@@ -112,6 +112,14 @@ class Store(Protocol):
     async def expired_batches(self, created_before_us: int) -> list[str]:
         """Ids of batches not done that were created before the given time."""
 
+    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
+        """One bounded step of retention, in one transaction: delete batches done
+        before ``ended_before_us`` (oldest end first), at most ``max_batches``,
+        with their requests and generated file rows, and at most
+        ``max_requests`` request rows. A batch with more requests than that
+        loses them ``max_requests`` at a time, last first, over several steps;
+        its row goes with the last of them. Input files are left alone."""
+
     async def add_file(self, file: StoredFile) -> None:
         """Record a file whose bytes are already in place."""
 
@@ -150,6 +158,18 @@ class Store(Protocol):
         self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
     ) -> None:
         """Store the outcome of an attempt: its count, status and next time."""
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What one step of ``purge_done_batches`` removed."""
+
+    batch_ids: list[str]
+    """Batches deleted entirely."""
+    file_ids: list[str]
+    """Generated files whose rows went with them: their bytes are the caller's to delete."""
+    more: bool
+    """True when work may remain before the cutoff: call again."""
 
 
 class StoreConflict(Exception):

@@ -331,7 +331,7 @@ async def test_file_read_by_unfinished_batch_is_kept(make_server: MakeServer) ->
         await asyncio.sleep(1.0)  # several sweeps past expiry
         assert (await files.GetFile(file_pb2.GetFileRequest(name=f.name))).name == f.name
 
-        await store.close_batch(batch.id, State.CANCELLED, None, ItemStatus.CANCELLED, b"")
+        await store.close_batch(batch.id, State.CANCELLED, None, ItemStatus.CANCELLED)
         await store.mark_done(batch.id, None)
 
         async def gone() -> bool:

@@ -1,0 +1,108 @@
+"""Retention: done batches and their generated files are purged after a while.
+
+A batch done for longer than ``retention`` (counted from its end time) is
+deleted with its requests and its generated responses file, row and bytes, as
+if a client had deleted it: it is NOT_FOUND afterwards. Input files are not
+touched here; uploads follow ``file_ttl`` (``services.files.FileExpiry``).
+
+The purge runs in small transactions (``max_batches`` batches and at most
+``max_requests`` request rows each) so that it never holds the store's single
+writer for long, however much has piled up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .domain import now_us
+from .files import FileStorage
+from .outputs import Outputs
+from .store import Store
+
+log = logging.getLogger("longbatch.retention")
+
+MAX_INTERVAL_S = 3600.0
+MIN_INTERVAL_S = 0.05
+
+
+class RetentionPurge:
+    """Periodically deletes batches done longer ago than ``retention_s``.
+
+    Runs every ``min(1 h, retention / 20)``, at least 50 ms apart.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        storage: FileStorage,
+        outputs: Outputs,
+        retention_s: float,
+        max_batches: int = 500,
+        max_requests: int = 20_000,
+    ) -> None:
+        self._store = store
+        self._storage = storage
+        self._outputs = outputs
+        self._retention_us = int(retention_s * 1_000_000)
+        self._max_batches = max_batches
+        self._max_requests = max_requests
+        if max_batches < 1 or max_requests < 1:
+            raise ValueError("each purge step must be allowed at least one batch and one request")
+        self.interval_s = max(MIN_INTERVAL_S, min(MAX_INTERVAL_S, retention_s / 20))
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        """Start the periodic purge."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="longbatch-retention")
+
+    async def stop(self) -> None:
+        """Stop the purge once the step in progress is done; safe to call twice.
+
+        No cancellation: a step cut off after its commit would leave the
+        bytes of the files it removed behind. A step is short by design.
+        """
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), self.interval_s)
+                return  # stop() was called
+            except TimeoutError:
+                pass  # time for a sweep
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("retention purge failed; retrying in %.3g s", self.interval_s)
+
+    async def sweep(self) -> int:
+        """Purge everything past retention by now; return how many batches went."""
+        cutoff = now_us() - self._retention_us
+        purged = 0
+        while True:
+            step = await self._store.purge_done_batches(cutoff, self._max_batches, self._max_requests)
+            # Bytes go only once their rows are gone: a crash in between
+            # leaves an unlisted file on disk, never a listed file without bytes.
+            if step.file_ids:
+                await asyncio.to_thread(self._delete_files, step.file_ids)
+            for batch_id in step.batch_ids:
+                self._outputs.forget(batch_id)
+            purged += len(step.batch_ids)
+            if not step.more or self._stopping.is_set():
+                break
+            # Between steps the writer is free for others: asyncio.Lock
+            # serves waiters in order, so clients' writes get in here.
+            await asyncio.sleep(0)
+        if purged:
+            log.info("purged %d batch(es) done more than %.6g s ago", purged, self._retention_us / 1_000_000)
+        return purged
+
+    def _delete_files(self, file_ids: list[str]) -> None:
+        for file_id in file_ids:
+            self._storage.delete(file_id)

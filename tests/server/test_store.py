@@ -1,0 +1,137 @@
+"""The Store contract: every store implementation must pass these.
+
+Run against SQLiteStore today; a second store (PostgreSQL) gets added to the
+``store`` fixture's params and must pass unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State
+from longbatch.server.sqlite_store import SQLiteStore
+from longbatch.server.store import Store, StoreConflict
+
+DAY_US = 86_400_000_000
+
+
+@pytest.fixture(params=["sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s = SQLiteStore(tmp_path / "db.sqlite")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def new_batch(batch_id: str, tenant: str = "t", request_id: str | None = None, **kw: object) -> NewBatch:
+    fields: dict[str, object] = dict(id=batch_id, tenant=tenant, kind=BatchKind.GENERATE, model="models/echo",
+                                     display_name="", priority=0, input_file=None, webhook=None,
+                                     request_id=request_id)
+    fields.update(kw)
+    return NewBatch(**fields)  # type: ignore[arg-type]
+
+
+def items(n: int) -> list[NewItem]:
+    return [NewItem(idx=i, key=f"k{i}", metadata=None, payload=f"p{i}".encode()) for i in range(n)]
+
+
+async def test_create_get_and_tenant_scoping(store: Store) -> None:
+    batch, created = await store.create_batch(new_batch("a1"), items(5), DAY_US)
+    assert created and batch.request_count == 5 and batch.state is State.PENDING and batch.pending == 5
+    assert (await store.get_batch("t", "a1")) == batch
+    assert await store.get_batch("other", "a1") is None
+    assert (await store.get_batch(None, "a1")) == batch
+
+
+async def test_request_id_dedupes_within_ttl_and_per_tenant(store: Store) -> None:
+    await store.create_batch(new_batch("b1", request_id="r"), items(1), DAY_US)
+    again, created = await store.create_batch(new_batch("b2", request_id="r"), items(1), DAY_US)
+    assert not created and again.id == "b1"
+    other, created = await store.create_batch(new_batch("b3", tenant="u", request_id="r"), items(1), DAY_US)
+    assert created and other.id == "b3"
+    # Past the TTL the id may be used again.
+    fresh, created = await store.create_batch(new_batch("b4", request_id="r"), items(1), 0)
+    assert created and fresh.id == "b4"
+
+
+async def test_outcomes_count_once_and_results_stop_at_first_pending(store: Store) -> None:
+    await store.create_batch(new_batch("c1"), items(4), DAY_US)
+    ok = Outcome("c1", 0, ItemStatus.SUCCEEDED, b"r0")
+    touched = await store.record_outcomes([ok, Outcome("c1", 1, ItemStatus.FAILED, b"e1")])
+    assert (touched["c1"].succeeded, touched["c1"].failed) == (1, 1)
+    touched = await store.record_outcomes([ok])  # delivered twice: counted once
+    assert touched["c1"].succeeded == 1
+    await store.record_outcomes([Outcome("c1", 3, ItemStatus.SUCCEEDED, b"r3")])
+    rows = await store.results("c1", 0, 100)
+    assert [r.idx for r in rows] == [0, 1]  # idx 2 still pending
+    everything = await store.results("c1", 0, 100, to_first_pending=False)
+    assert [r.status for r in everything] == [ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.PENDING,
+                                              ItemStatus.SUCCEEDED]
+    pending = await store.pending_items("c1", 0, 10)
+    assert [p.idx for p in pending] == [2]
+
+
+async def test_close_keeps_results_counts_the_rest_and_ignores_late_results(store: Store) -> None:
+    await store.create_batch(new_batch("d1"), items(10), DAY_US)
+    await store.record_outcomes([Outcome("d1", i, ItemStatus.SUCCEEDED, b"r") for i in range(3)])
+    closed = await store.close_batch("d1", State.CANCELLED, b"err", ItemStatus.CANCELLED)
+    assert closed is not None and closed.state is State.CANCELLED and not closed.done
+    assert (closed.succeeded, closed.cancelled, closed.pending) == (3, 7, 0)
+    assert await store.record_outcomes([Outcome("d1", 5, ItemStatus.SUCCEEDED, b"late")]) == {}
+    again = await store.close_batch("d1", State.EXPIRED, None, ItemStatus.EXPIRED)  # first close wins
+    assert again is not None and again.state is State.CANCELLED and again.expired == 0
+    done = await store.mark_done("d1", None)
+    assert done is not None and done.done and done.end_time_us is not None
+
+
+async def test_delete_only_when_done(store: Store) -> None:
+    await store.create_batch(new_batch("e1"), items(1), DAY_US)
+    with pytest.raises(StoreConflict):
+        await store.delete_batch("t", "e1")
+    await store.close_batch("e1", State.CANCELLED, None, ItemStatus.CANCELLED)
+    await store.mark_done("e1", None)
+    assert await store.delete_batch("other", "e1") is None
+    assert await store.delete_batch("t", "e1") == []
+    assert await store.delete_batch("t", "e1") is None
+
+
+async def test_list_is_newest_first_keyset_paged_and_filtered(store: Store) -> None:
+    for i in range(7):
+        await store.create_batch(new_batch(f"f{i}", priority=i % 2), items(1), DAY_US)
+    page = await store.list_batches("t", "1", [], None, 3)
+    assert [b.id for b in page] == ["f6", "f5", "f4"]
+    page = await store.list_batches("t", "1", [], page[-1].seq, 3)
+    assert [b.id for b in page] == ["f3", "f2", "f1"]
+    odd = await store.list_batches("t", "priority = ?", [1], None, 10)
+    assert [b.id for b in odd] == ["f5", "f3", "f1"]
+    assert await store.list_batches("other", "1", [], None, 10) == []
+
+
+async def test_writes_survive_cancelled_callers(store: Store) -> None:
+    """A caller cancelled mid-write (client deadline, shutdown) must leave the
+    store consistent and usable: the write completes or not at all."""
+    await store.create_batch(new_batch("g1"), items(200), DAY_US)
+    failures = []
+    for i in range(150):
+        task = asyncio.ensure_future(store.record_outcomes([Outcome("g1", i, ItemStatus.SUCCEEDED, b"r")]))
+        # Cancel at varied points: before, during and after the thread hops.
+        if i % 3:
+            await asyncio.sleep((i % 7) * 0.0002)
+        task.cancel()
+        (result,) = await asyncio.gather(task, return_exceptions=True)
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            failures.append(repr(result))
+    assert failures == []
+    await asyncio.sleep(0.2)
+    batch = await store.get_batch("t", "g1")
+    assert batch is not None
+    rows = await store.results("g1", 0, 1000, to_first_pending=False)
+    assert batch.succeeded == sum(r.status is ItemStatus.SUCCEEDED for r in rows)
+    # The writer is not left inside a stray transaction.
+    await store.record_outcomes([Outcome("g1", 199, ItemStatus.SUCCEEDED, b"r")])
+    created, _ = await store.create_batch(new_batch("g2"), items(1), DAY_US)
+    assert created.id == "g2"
