@@ -121,10 +121,6 @@ class ExecutorSettings:
     """Cap on one retry delay, seconds."""
     request_timeout_s: float = 300.0
     """Per-call backend timeout, seconds."""
-    flush_interval_s: float = 0.02
-    """How long finished results may wait before being persisted, seconds."""
-    flush_max_items: int = 512
-    """Results persisted per transaction at most."""
 
 
 @dataclass(frozen=True)
@@ -239,9 +235,9 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     ex = data.get("executor", {})
     ex_kw: dict[str, Any] = {}
     for key, value in ex.items():
-        if key in ("max_attempts", "flush_max_items"):
+        if key == "max_attempts":
             ex_kw[key] = _get(ex, key, int, "executor")
-        elif key in ("backoff_initial", "backoff_max", "request_timeout", "flush_interval"):
+        elif key in ("backoff_initial", "backoff_max", "request_timeout"):
             ex_kw[f"{key}_s"] = parse_duration(value, f"executor.{key}")
         else:
             raise ConfigError(f"unknown key executor.{key}")

@@ -80,6 +80,19 @@ class Batch:
     """Serialized longbatch.v1.WebhookConfig."""
     ingested: bool
     """False while a file batch's input is still being read and validated."""
+    final_state: State | None = None
+    """The terminal state the batch was closed with, set before ``done``;
+    ``state`` shows it only once the batch is done."""
+
+    @property
+    def closed(self) -> bool:
+        """True once the batch's terminal state is decided: nothing more runs."""
+        return self.final_state is not None or self.done
+
+    @property
+    def outcome(self) -> State:
+        """The terminal state once closed, else the current state."""
+        return self.final_state if self.final_state is not None else self.state
 
     @property
     def name(self) -> str:

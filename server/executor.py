@@ -1,15 +1,18 @@
 """The background executor: runs batch requests against model backends.
 
-Per model, ``max_concurrency`` long-lived workers pull requests from a
-scheduler that serves the highest-priority batch first, FIFO among equals.
-Finished requests flow through a bounded queue to one writer that persists
-them in transactions of up to ``flush_max_items``; a request counts only once
-it is persisted. Batches end through one path, ``finish``, serialized per
-batch, so a Cancel racing completion yields exactly one final state.
+Per model, long-lived workers pull requests from a scheduler that serves the
+highest-priority batch first, FIFO among equals, with at most
+``max_concurrency`` requests in flight (one per worker, or a chunk per worker
+for backends that answer in bulk). Each worker hands its results to one
+writer and waits for their commit (group commit: one transaction holds all
+that queued meanwhile); a request counts only once it is persisted. Batches
+end through one path, ``finish``, serialized per batch, so a Cancel racing
+completion yields exactly one final state.
 
 On start, every batch that is not done is resumed: requests already persisted
-are never run again; those that were in flight when the process died run
-again (their results were never recorded).
+are never run again; those in flight when the process died (at most
+``max_concurrency`` per model, since a worker takes new work only after its
+results are committed) run again.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ class Executor:
         self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
         self._queues = {name: _ModelQueue() for name in models}
         self._runs: dict[str, tuple[_Run, _ModelQueue]] = {}
-        self._results: asyncio.Queue[Outcome] = asyncio.Queue(maxsize=4 * settings.flush_max_items)
+        # Unbounded, but each worker has at most one entry in it.
+        self._results: asyncio.Queue[tuple[list[Outcome], asyncio.Future[None]]] = asyncio.Queue()
         self._finish_locks: dict[str, asyncio.Lock] = {}
         self._ingests: dict[str, asyncio.Task[None]] = {}
         self._deadlines: dict[asyncio.Task[Any], float] = {}
@@ -145,8 +149,8 @@ class Executor:
         """Resume unfinished batches and start the workers."""
         cutoff = now_us() - self._batch_ttl_us
         for batch in await self._store.unfinished_batches():
-            if batch.state.terminal:
-                self._spawn(self.finish(batch.id, batch.state, None))
+            if batch.final_state is not None:
+                self._spawn(self.finish(batch.id, batch.final_state, None))
             elif batch.create_time_us < cutoff:
                 # Its TTL passed while the server was down: expire it now
                 # instead of running more of it until the first sweep.
@@ -315,8 +319,12 @@ class Executor:
                 outcomes = await self._execute_bulk(model, run, items)
             else:
                 outcomes = [await self._execute(model, run, item) for item in items]
-            for outcome in outcomes:
-                await self._results.put(outcome)
+            # Wait for the commit before taking more work: answered but
+            # unsaved results are lost (and re-run) if the process dies, so
+            # they must stay bounded by the model's concurrency.
+            committed = asyncio.get_running_loop().create_future()
+            self._results.put_nowait((outcomes, committed))
+            await committed
             done_without_yield += len(items)
             if done_without_yield >= _YIELD_EVERY:
                 # A backend that never suspends (echo) must not starve the loop.
@@ -418,34 +426,28 @@ class Executor:
     # -- persisting ---------------------------------------------------------------
 
     async def _write_loop(self) -> None:
-        settings = self._settings
+        """Persist results as they come: one transaction for everything queued
+        while the previous one ran (group commit), then release the workers."""
         while True:
-            pending = [await self._results.get()]
-            self._drain(pending)
-            if len(pending) < settings.flush_max_items and settings.flush_interval_s > 0:
-                await asyncio.sleep(settings.flush_interval_s)
-                self._drain(pending)
+            entries = [await self._results.get()]
+            while not self._results.empty():
+                entries.append(self._results.get_nowait())
+            outcomes = [o for batch_outcomes, _ in entries for o in batch_outcomes]
             try:
-                touched = await self._store.record_outcomes(pending)
+                touched = await self._store.record_outcomes(outcomes)
             except Exception:
                 # Unrecorded results stay PENDING in the store and run again
                 # after a restart; nothing is counted that was not persisted.
-                log.exception("persisting %d results failed", len(pending))
+                log.exception("persisting %d results failed", len(outcomes))
                 touched = {}
             finally:
-                for _ in pending:
+                for _, committed in entries:
+                    if not committed.done():
+                        committed.set_result(None)
                     self._results.task_done()
             for batch in touched.values():
-                if not batch.done and batch.pending == 0 and not batch.state.terminal:
+                if not batch.closed and batch.pending == 0:
                     self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
-
-    def _drain(self, into: list[Outcome]) -> None:
-        limit = self._settings.flush_max_items
-        while len(into) < limit:
-            try:
-                into.append(self._results.get_nowait())
-            except asyncio.QueueEmpty:
-                return
 
     # -- ending batches -------------------------------------------------------------
 

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -141,6 +144,23 @@ def _bad(out: RangeResult, problem: str) -> None:
     out.payloads.clear()
 
 
+def _exit_with_parent() -> None:
+    """Pool initializer: end this worker when the server process dies.
+
+    A SIGKILLed server runs no shutdown code, and orphaned workers would
+    live on holding its stdout open.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 class ParsePool:
     """Worker processes for parsing, started on first use, shared by ingests."""
 
@@ -154,7 +174,9 @@ class ParsePool:
             return None
         if self._pool is None:
             # spawn: forking a process that runs gRPC threads is unsafe.
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("spawn"))
+            self._pool = ProcessPoolExecutor(
+                self._workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent
+            )
         return self._pool
 
     def close(self) -> None:

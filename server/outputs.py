@@ -41,8 +41,8 @@ class Outputs:
         """Results in order from ``start_idx``, read page by page: up to the
         first unfinished request while the batch runs, all of them once it is
         closed (unfinished ones then read as cancelled or expired)."""
-        closed = batch.state.terminal
-        rest_status, rest_result = convert.closed_item(batch.state)
+        closed = batch.closed
+        rest_status, rest_result = convert.closed_item(batch.outcome)
         idx = start_idx
         while True:
             page = await self._store.results(batch.id, idx, _PAGE, to_first_pending=not closed)
@@ -57,7 +57,7 @@ class Outputs:
     async def write_if_large(self, batch: Batch) -> str | None:
         """For a closed batch, write a responses file if its output must not be
         inline; return the file id, or None for inline output."""
-        if batch.state is State.FAILED:
+        if batch.outcome is State.FAILED:
             return None
         if batch.input_file is None:
             size = await self._store.output_size(batch.id)

@@ -118,11 +118,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX batches_done_by_end ON batches (end_time) WHERE done = 1;
     """,
+    # v5: the terminal state a batch was closed with waits in final_state
+    # until its output is written; `state` turns terminal only together with
+    # `done`, so no reader sees SUCCEEDED on an operation that is not done.
+    """
+    ALTER TABLE batches ADD COLUMN final_state INTEGER;
+    UPDATE batches SET final_state = state, state = 2 WHERE done = 0 AND state >= 3;
+    """,
 )
 
 _BATCH_COLUMNS = (
     "id, seq, tenant, kind, model, display_name, priority, state, done, create_time, update_time, "
-    "end_time, input_file, request_count, succeeded, failed, cancelled, expired, error, output_file, webhook, ingested"
+    "end_time, input_file, request_count, succeeded, failed, cancelled, expired, error, output_file, webhook, "
+    "ingested, final_state"
 )
 _FILE_COLUMNS = "id, seq, tenant, display_name, mime_type, size_bytes, sha256, create_time, expire_time, source"
 _OUTCOME_COLUMN = {
@@ -141,6 +149,7 @@ def _batch(row: sqlite3.Row | tuple[Any, ...]) -> Batch:
         update_time_us=row[10], end_time_us=row[11], input_file=row[12], request_count=row[13],
         succeeded=row[14], failed=row[15], cancelled=row[16], expired=row[17], error=row[18],
         output_file=row[19], webhook=row[20], ingested=bool(row[21]),
+        final_state=None if row[22] is None else State(row[22]),
     )
 
 
@@ -437,9 +446,11 @@ class SQLiteStore:
                 by_batch.setdefault(o.batch_id, []).append(o)
             now = now_us()
             for batch_id, items in by_batch.items():
-                async with conn.execute("SELECT seq, state FROM batches WHERE id = ?", (batch_id,)) as cur:
+                async with conn.execute(
+                    "SELECT seq FROM batches WHERE id = ? AND final_state IS NULL AND done = 0", (batch_id,)
+                ) as cur:
                     row = await cur.fetchone()
-                if row is None or State(row[1]).terminal:
+                if row is None:
                     continue  # a closed batch takes no more results
                 seq = row[0]
                 # Only requests still PENDING take a result; count what changed
@@ -472,9 +483,9 @@ class SQLiteStore:
         column = _OUTCOME_COLUMN[rest]
         async with self._tx() as conn:
             await conn.execute(
-                f"UPDATE batches SET state = ?, error = ?, {column} = request_count - succeeded - failed, "
-                "update_time = ? WHERE id = ? AND state < ?",
-                (int(state), error, now_us(), batch_id, int(State.SUCCEEDED)),
+                f"UPDATE batches SET final_state = ?, error = ?, {column} = request_count - succeeded - failed, "
+                "update_time = ? WHERE id = ? AND final_state IS NULL AND done = 0",
+                (int(state), error, now_us(), batch_id),
             )
             async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
                 updated = await cur.fetchone()
@@ -485,8 +496,8 @@ class SQLiteStore:
         now = now_us()
         async with self._tx() as conn:
             await conn.execute(
-                "UPDATE batches SET done = 1, end_time = ?, update_time = ?, output_file = ? "
-                "WHERE id = ? AND done = 0",
+                "UPDATE batches SET done = 1, state = COALESCE(final_state, state), end_time = ?, update_time = ?, "
+                "output_file = ? WHERE id = ? AND done = 0",
                 (now, now, output_file, batch_id),
             )
             async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:

@@ -94,12 +94,15 @@ class Store(Protocol):
         """Give a batch its terminal state; its unfinished requests count as
         ``rest`` (and read as ``rest`` from now on).
 
-        Keeps an existing terminal state (a restart re-closing a batch). The
-        batch is not ``done`` until ``mark_done``. Returns None if unknown.
+        The state goes to ``final_state``; a batch already closed keeps its
+        first one (a restart re-closing a batch, a cancel racing completion).
+        ``state`` and ``done`` change together in ``mark_done``. Returns None
+        if unknown.
         """
 
     async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
-        """Make a closed batch ``done``; after this it never changes."""
+        """Make a closed batch ``done`` with ``state = final_state``; after
+        this it never changes."""
 
     async def results(self, batch_id: str, start_idx: int, limit: int, *, to_first_pending: bool = True
                       ) -> list[ResultRow]:

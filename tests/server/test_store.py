@@ -79,13 +79,15 @@ async def test_close_keeps_results_counts_the_rest_and_ignores_late_results(stor
     await store.create_batch(new_batch("d1"), items(10), DAY_US)
     await store.record_outcomes([Outcome("d1", i, ItemStatus.SUCCEEDED, b"r") for i in range(3)])
     closed = await store.close_batch("d1", State.CANCELLED, b"err", ItemStatus.CANCELLED)
-    assert closed is not None and closed.state is State.CANCELLED and not closed.done
+    # Closed: the terminal state is decided but shows only once done.
+    assert closed is not None and closed.final_state is State.CANCELLED and not closed.done
+    assert closed.state is State.PENDING and closed.closed
     assert (closed.succeeded, closed.cancelled, closed.pending) == (3, 7, 0)
     assert await store.record_outcomes([Outcome("d1", 5, ItemStatus.SUCCEEDED, b"late")]) == {}
     again = await store.close_batch("d1", State.EXPIRED, None, ItemStatus.EXPIRED)  # first close wins
-    assert again is not None and again.state is State.CANCELLED and again.expired == 0
+    assert again is not None and again.final_state is State.CANCELLED and again.expired == 0
     done = await store.mark_done("d1", None)
-    assert done is not None and done.done and done.end_time_us is not None
+    assert done is not None and done.done and done.end_time_us is not None and done.state is State.CANCELLED
 
 
 async def test_delete_only_when_done(store: Store) -> None:
