@@ -112,7 +112,28 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: TextIO, err:
     if not args.wait:
         _print_batch(op, args, out)
         return 0
+    if args.jsonl:
+        # A file batch's results come back as a file: fetch it rather than
+        # streaming a million lines to the terminal.
+        await wait_with_progress(op, args.timeout, err)
+        output = await op.result()
+        if output.WhichOneof("output") == "responses_file":
+            dest = args.output or f"{os.path.splitext(args.jsonl)[0]}.results.jsonl"
+            await _download(client, output.responses_file, dest, err)
+        _print_batch(op, args, out)
+        return 0
     return await _finish(client, op, args, out, err, print_results=True)
+
+
+async def _download(client: Client, name: str, dest: str, err: TextIO) -> None:
+    line = LiveLine(err, every_s=10.0)
+    try:
+        size = await client.download_file(
+            name, dest, progress=lambda n: line.show(f"downloading {name}  {format_bytes(n)}")
+        )
+    finally:
+        line.close()
+    err.write(f"wrote {size:,} bytes to {dest}\n")
 
 
 async def _finish(
@@ -282,14 +303,7 @@ async def cmd_files_download(client: Client, args: argparse.Namespace, out: Text
             out.buffer.write(chunk)
         out.buffer.flush()
         return 0
-    line = LiveLine(err, every_s=10.0)
-    try:
-        size = await client.download_file(
-            args.name, args.dest, progress=lambda n: line.show(f"downloading {args.name}  {format_bytes(n)}")
-        )
-    finally:
-        line.close()
-    err.write(f"wrote {size:,} bytes to {args.dest}\n")
+    await _download(client, args.name, args.dest, err)
     return 0
 
 
@@ -375,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same batch")
     submit.add_argument("--wait", action="store_true", help="wait with progress, then print the results")
+    submit.add_argument(
+        "--output", metavar="PATH", help="with a JSONL file and --wait: where to download the results "
+        "(default: next to the input, as NAME.results.jsonl)"
+    )
     waiting(submit)
 
     command("get", cmd_get, "show a batch").add_argument("name", help="batches/{id}")

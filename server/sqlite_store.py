@@ -142,14 +142,19 @@ _OUTCOME_COLUMN = {
 _INSERT_CHUNK = 2000
 
 
+# Enum calls cost a microsecond each; rows are decoded on every GetOperation.
+_STATES = {int(s): s for s in State}
+_KINDS = {k.value: k for k in BatchKind}
+
+
 def _batch(row: sqlite3.Row | tuple[Any, ...]) -> Batch:
     return Batch(
-        id=row[0], seq=row[1], tenant=row[2], kind=BatchKind(row[3]), model=row[4], display_name=row[5],
-        priority=row[6], state=State(row[7]), done=bool(row[8]), create_time_us=row[9],
+        id=row[0], seq=row[1], tenant=row[2], kind=_KINDS[row[3]], model=row[4], display_name=row[5],
+        priority=row[6], state=_STATES[row[7]], done=bool(row[8]), create_time_us=row[9],
         update_time_us=row[10], end_time_us=row[11], input_file=row[12], request_count=row[13],
         succeeded=row[14], failed=row[15], cancelled=row[16], expired=row[17], error=row[18],
         output_file=row[19], webhook=row[20], ingested=bool(row[21]),
-        final_state=None if row[22] is None else State(row[22]),
+        final_state=None if row[22] is None else _STATES[row[22]],
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import grpc
@@ -11,10 +12,34 @@ from google.protobuf import empty_pb2
 from .. import convert
 from ..edge import current_tenant
 from ..errors import InvalidArgument, Unimplemented
-from ..manager import DEFAULT_WAIT_S, MAX_WAIT_S, BatchManager
+from ..manager import DEFAULT_WAIT_S, MAX_WAIT_S, BatchManager, BatchView
 from ..validate import parse_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class _OperationCache:
+    """Built Operations by batch id, valid while the batch's update_time is
+    unchanged: forever once done (bar a rename), between commits while it
+    runs. Polling clients then cost a row read, not a rebuild."""
+
+    def __init__(self, entries: int = 4096, max_bytes: int = 64 << 10) -> None:
+        self._entries = entries
+        self._max_bytes = max_bytes
+        self._ops: OrderedDict[str, tuple[int, operations_pb2.Operation]] = OrderedDict()
+
+    def get(self, view: BatchView) -> operations_pb2.Operation:
+        batch = view.batch
+        hit = self._ops.get(batch.id)
+        if hit is not None and hit[0] == batch.update_time_us:
+            self._ops.move_to_end(batch.id)
+            return hit[1]
+        op = convert.operation(batch, view.output)
+        if op.ByteSize() <= self._max_bytes:
+            self._ops[batch.id] = (batch.update_time_us, op)
+            if len(self._ops) > self._entries:
+                self._ops.popitem(last=False)
+        return op
 
 
 class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore[misc]
@@ -22,13 +47,14 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
 
     def __init__(self, manager: BatchManager) -> None:
         self._manager = manager
+        self._cache = _OperationCache()
 
     async def GetOperation(
         self, request: operations_pb2.GetOperationRequest, context: Context
     ) -> operations_pb2.Operation:
         """The batch as an operation, with live metadata."""
         view = await self._manager.get(current_tenant(), parse_name(request.name, "batches"))
-        return convert.operation(view.batch, view.output)
+        return self._cache.get(view)
 
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: Context
@@ -62,7 +88,7 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
             # Answer before the client gives up, so it sees done=false, not an error.
             timeout = min(timeout, max(0.0, remaining - 0.05))
         view = await self._manager.wait(current_tenant(), batch_id, timeout)
-        return convert.operation(view.batch, view.output)
+        return self._cache.get(view)
 
     async def CancelOperation(
         self, request: operations_pb2.CancelOperationRequest, context: Context
