@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from longbatch.client.cli import main
+
 from support import Stubs, wait_done
 
 
