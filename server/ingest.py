@@ -167,6 +167,7 @@ class ParsePool:
     def __init__(self, workers: int = 2) -> None:
         self._workers = workers
         self._pool: ProcessPoolExecutor | None = None
+        self._warmed = False
 
     def get(self) -> Executor | None:
         """The pool, or None when configured with no workers (threads then)."""
@@ -179,11 +180,21 @@ class ParsePool:
             )
         return self._pool
 
+    def warm(self) -> None:
+        """Start the workers now (about half a second each) so that the next
+        large ingest does not wait for them."""
+        pool = self.get()
+        if pool is not None and not self._warmed:
+            self._warmed = True
+            for _ in range(self._workers):
+                pool.submit(int)  # a no-op task makes the pool start a worker
+
     def close(self) -> None:
         """Stop the workers; safe to call twice."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+            self._warmed = False
 
 
 async def ingest(

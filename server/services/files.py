@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import IO, Any
 
 import grpc
@@ -27,6 +27,7 @@ from ..domain import StoredFile, now_us
 from ..edge import current_tenant
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..files import FileStorage, HashingWriter, new_id
+from ..ingest import SMALL_FILE_BYTES
 from ..paging import PageTokenError, PageTokens, clamp_page_size
 from ..store import Store, StoreConflict
 from ..validate import MAX_DISPLAY_NAME, parse_name
@@ -69,11 +70,15 @@ def _not_found(file_id: str) -> NotFound:
 class FileService(file_pb2_grpc.FileServiceServicer):
     """Creates, reads, lists and deletes the caller's files."""
 
-    def __init__(self, store: Store, storage: FileStorage, limits: Limits, page_tokens: PageTokens) -> None:
+    def __init__(
+        self, store: Store, storage: FileStorage, limits: Limits, page_tokens: PageTokens,
+        on_large_upload: Callable[[], None] | None = None,
+    ) -> None:
         self._store = store
         self._storage = storage
         self._limits = limits
         self._tokens = page_tokens
+        self._on_large_upload = on_large_upload
 
     async def CreateFile(
         self, request_iterator: AsyncIterator[file_pb2.CreateFileRequest], context: Context
@@ -96,6 +101,8 @@ class FileService(file_pb2_grpc.FileServiceServicer):
             # Client gone, over the limit or bad stream: no trace of the upload.
             spool.discard()
             raise
+        if self._on_large_upload is not None and spool.size > SMALL_FILE_BYTES:
+            self._on_large_upload()  # a batch reading it likely follows
         created = now_us()
         stored = StoredFile(
             id=file_id, seq=0, tenant=tenant, display_name=display_name, mime_type=mime_type,
