@@ -101,7 +101,8 @@ def batch_fields(op: BatchOperation) -> list[tuple[str, str]]:
     if batch.input_config.WhichOneof("source") == "file_name":
         fields.append(("input", batch.input_config.file_name))
     else:
-        fields.append(("input", f"{len(batch.input_config.requests.requests):,} inline requests"))
+        # The server does not echo inlined requests back; the count is in the stats.
+        fields.append(("input", f"{batch.batch_stats.request_count:,} inline requests"))
     which = batch.output.WhichOneof("output")
     if which == "responses_file":
         fields.append(("output", batch.output.responses_file))

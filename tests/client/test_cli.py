@@ -231,7 +231,7 @@ def test_batch_fields() -> None:
     assert fields["state"] == "CANCELLED"
     assert fields["kind"] == "generate"
     assert fields["progress"] == "2 succeeded, 1 cancelled"
-    assert fields["input"] == "1 inline requests"
+    assert fields["input"] == "3 inline requests"  # counted from the stats: requests are not echoed back
     assert fields["created"] == "2023-11-14 22:13:20Z"
     assert fields["ended"] == "-"
     assert fields["error"] == "CANCELLED: by user"
