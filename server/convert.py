@@ -16,6 +16,7 @@ from google.rpc import status_pb2
 from longbatch.v1 import batch_pb2
 
 from .domain import Batch, BatchKind, ItemStatus, ResultRow, State
+from .wire import length_delimited
 
 BatchMessage = batch_pb2.GenerateContentBatch | batch_pb2.EmbedContentBatch
 _TYPE_PREFIX = "type.googleapis.com/"
@@ -100,33 +101,20 @@ def operation(batch: Batch, output: bytes | None = None) -> operations_pb2.Opera
     return op
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _field(number: int, data: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
 def _entry(row: ResultRow) -> bytes:
-    body = _field(_ENTRY_METADATA, row.metadata) if row.metadata is not None else b""
-    body += _field(_ENTRY_RESPONSE if row.status is ItemStatus.SUCCEEDED else _ENTRY_ERROR, row.result)
-    return _field(_INLINED_ENTRY, body)
+    body = length_delimited(_ENTRY_METADATA, row.metadata) if row.metadata is not None else b""
+    body += length_delimited(_ENTRY_RESPONSE if row.status is ItemStatus.SUCCEEDED else _ENTRY_ERROR, row.result)
+    return length_delimited(_INLINED_ENTRY, body)
 
 
 def inline_output(rows: Iterable[ResultRow]) -> bytes:
     """Serialized ``…BatchOutput{inlined_responses}`` from result rows in order."""
-    return _field(_OUTPUT_INLINED, b"".join(_entry(r) for r in rows))
+    return length_delimited(_OUTPUT_INLINED, b"".join(_entry(r) for r in rows))
 
 
 def file_output(file_id: str) -> bytes:
     """Serialized ``…BatchOutput{responses_file}``."""
-    return _field(_OUTPUT_RESPONSES_FILE, f"files/{file_id}".encode())
+    return length_delimited(_OUTPUT_RESPONSES_FILE, f"files/{file_id}".encode())
 
 
 def batch_result(kind: BatchKind, row: ResultRow) -> batch_pb2.BatchResult:

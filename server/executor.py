@@ -18,10 +18,11 @@ results are committed) run again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -478,44 +479,40 @@ class Executor:
             return closed
         return await self._complete(batch_id)
 
-    def _lock(self, batch_id: str) -> asyncio.Lock:
-        return self._finish_locks.setdefault(batch_id, asyncio.Lock())
-
-    def _release(self, batch_id: str, lock: asyncio.Lock) -> None:
-        if not lock.locked() and self._finish_locks.get(batch_id) is lock:
-            del self._finish_locks[batch_id]
+    @contextlib.asynccontextmanager
+    async def _batch_lock(self, batch_id: str) -> AsyncIterator[None]:
+        """Serialize the steps that end one batch; the lock goes when unused."""
+        lock = self._finish_locks.setdefault(batch_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and self._finish_locks.get(batch_id) is lock:
+                del self._finish_locks[batch_id]
 
     async def _close(self, batch_id: str, state: State, error: status_pb2.Status | None) -> Batch | None:
         """Stop a batch's work and record its terminal state (first one wins)."""
-        lock = self._lock(batch_id)
-        try:
-            async with lock:
-                batch = await self._store.get_batch(None, batch_id)
-                if batch is None or batch.done:
-                    return batch
-                self._unschedule(batch_id)
-                ingest = self._ingests.pop(batch_id, None)
-                if ingest is not None and ingest is not asyncio.current_task():
-                    ingest.cancel()
-                    await asyncio.gather(ingest, return_exceptions=True)
-                    await self._store.reset_ingest(batch_id)
-                return await self._store.close_batch(
-                    batch_id, state, error.SerializeToString() if error else None, _REST[state])
-        finally:
-            self._release(batch_id, lock)
+        async with self._batch_lock(batch_id):
+            batch = await self._store.get_batch(None, batch_id)
+            if batch is None or batch.done:
+                return batch
+            self._unschedule(batch_id)
+            ingest = self._ingests.pop(batch_id, None)
+            if ingest is not None and ingest is not asyncio.current_task():
+                ingest.cancel()
+                await asyncio.gather(ingest, return_exceptions=True)
+                await self._store.reset_ingest(batch_id)
+            return await self._store.close_batch(
+                batch_id, state, error.SerializeToString() if error else None, _REST[state])
 
     async def _complete(self, batch_id: str) -> Batch | None:
         """Write a closed batch's output and make it done."""
-        lock = self._lock(batch_id)
-        try:
-            async with lock:
-                batch = await self._store.get_batch(None, batch_id)
-                if batch is None or batch.done:
-                    return batch
-                output_file = await self._outputs.write_if_large(batch)
-                final = await self._store.mark_done(batch_id, output_file)
-        finally:
-            self._release(batch_id, lock)
+        async with self._batch_lock(batch_id):
+            batch = await self._store.get_batch(None, batch_id)
+            if batch is None or batch.done:
+                return batch
+            output_file = await self._outputs.write_if_large(batch)
+            final = await self._store.mark_done(batch_id, output_file)
         self._notifier.done(batch_id)
         if final is not None:
             log.info("%s %s: %d ok, %d failed, %d cancelled, %d expired", final.name, final.state.name,

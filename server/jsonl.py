@@ -56,6 +56,8 @@ from google.protobuf.message import Message
 
 from longbatch.v1 import content_pb2
 
+from .wire import varint
+
 __all__ = ["LineError", "parse_embed_line", "parse_generate_line"]
 
 _M = TypeVar("_M", bound=Message)
@@ -102,22 +104,13 @@ _URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
 _pack_f32 = struct.Struct("<f").pack
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 # Lengths under 16 KiB cover nearly every string and message on the hot path.
 _NVAR: Final = 1 << 14
-_VARINTS: Final = [_varint(i) for i in range(_NVAR)]
+_VARINTS: Final = [varint(i) for i in range(_NVAR)]
 
 
 def _length(n: int) -> bytes:
-    return _VARINTS[n] if n < _NVAR else _varint(n)
+    return _VARINTS[n] if n < _NVAR else varint(n)
 
 
 def _colons(text: str, tally: _Tally) -> None:
@@ -276,7 +269,7 @@ class _Spec:
 
 
 def _tag(field: descriptor.FieldDescriptor, wire_type: int) -> bytes:
-    return _varint(field.number << 3 | wire_type)
+    return varint(field.number << 3 | wire_type)
 
 
 def _unsupported(value: Any, tally: _Tally) -> bytes:
@@ -328,7 +321,7 @@ def _enum_field(tag: bytes, implicit: bool, enum: descriptor.EnumDescriptor) -> 
 
     def handle(value: Any, tally: _Tally) -> bytes:
         number = convert(value)
-        return b"" if implicit and not number else tag + _varint(number & _UINT64)
+        return b"" if implicit and not number else tag + varint(number & _UINT64)
 
     return handle
 
@@ -420,7 +413,7 @@ def _encode(spec: _Spec, obj: Any, tally: _Tally) -> bytes:
                 if value or not arg:
                     raw = value.encode()
                     n = len(raw)
-                    out.append(tag + (lengths[n] if n < _NVAR else _varint(n)) + raw)
+                    out.append(tag + (lengths[n] if n < _NVAR else varint(n)) + raw)
             elif kind == _MESSAGES:
                 if type(value) is not list:
                     raise _Bad(f"expected a list, got {_show(value)}")
@@ -437,14 +430,14 @@ def _encode(spec: _Spec, obj: Any, tally: _Tally) -> bytes:
                             e.path.append(f"[{index}]")
                             raise
                     n = len(payload)
-                    out.append(tag + (lengths[n] if n < _NVAR else _varint(n)) + payload)
+                    out.append(tag + (lengths[n] if n < _NVAR else varint(n)) + payload)
                     index += 1
             elif kind == _MESSAGE:
                 payload = None if arg.fast is None else arg.fast(value, tally)
                 if payload is None:
                     payload = _encode(arg, value, tally)
                 n = len(payload)
-                out.append(tag + (lengths[n] if n < _NVAR else _varint(n)) + payload)
+                out.append(tag + (lengths[n] if n < _NVAR else varint(n)) + payload)
             elif kind == _FLOAT:
                 if type(value) is float and -_FLOAT_MAX <= value <= _FLOAT_MAX:
                     packed = _pack_f32(value)
@@ -456,7 +449,7 @@ def _encode(spec: _Spec, obj: Any, tally: _Tally) -> bytes:
                 if type(value) is not int or not 0 <= value < _NVAR:
                     value = _to_int32(value)
                     if value < 0 or value >= _NVAR:
-                        out.append(tag + _varint(value & _UINT64))  # negatives: 10 bytes, two's complement
+                        out.append(tag + varint(value & _UINT64))  # negatives: 10 bytes, two's complement
                         continue
                 if value or not arg:
                     out.append(tag + lengths[value])

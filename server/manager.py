@@ -17,7 +17,7 @@ from .files import FileStorage, new_id
 from .filters import BATCH_FILTER_FIELDS, FilterError, compile_filter
 from .notifier import Notifier
 from .outputs import Outputs
-from .paging import PageTokenError, PageTokens, clamp_page_size
+from .paging import PageTokens, read_page_request
 from .store import Store, StoreConflict
 from .validate import ValidBatch
 
@@ -101,26 +101,14 @@ class BatchManager:
             raise InvalidArgument(f"name must be 'batches' or empty, got {collection[:80]!r}",
                                   violations=[("name", "must be 'batches' or empty")])
         try:
-            size = clamp_page_size(page_size)
-        except ValueError as e:
-            raise InvalidArgument(str(e), violations=[("page_size", "must not be negative")]) from None
-        try:
             where, params = compile_filter(filter_text, BATCH_FILTER_FIELDS)
         except FilterError as e:
             raise InvalidArgument(f"invalid filter: {e}", reason="INVALID_FILTER",
                                   violations=[("filter", str(e))]) from None
         scope = f"batches\x00{tenant}\x00{filter_text}"
-        before: int | None = None
-        if page_token:
-            try:
-                (position,) = self._tokens.decode(page_token, scope)
-            except (PageTokenError, ValueError) as e:
-                raise InvalidArgument(f"invalid page_token: {e}", reason="INVALID_PAGE_TOKEN",
-                                      violations=[("page_token", str(e))]) from None
-            if not isinstance(position, int):
-                raise InvalidArgument("invalid page_token", reason="INVALID_PAGE_TOKEN",
-                                      violations=[("page_token", "malformed")])
-            before = position
+        size, position = read_page_request(self._tokens, page_size, page_token, scope)
+        assert position is None or isinstance(position, int)
+        before = position
         rows = await self._store.list_batches(tenant, where, params, before, size + 1)
         page = rows[:size]
         token = self._tokens.encode(scope, (page[-1].seq,)) if len(rows) > size else ""

@@ -163,3 +163,35 @@ def clamp_page_size(page_size: int, default: int = 50, maximum: int = 1000) -> i
     if page_size < 0:
         raise ValueError("page_size must not be negative")
     return min(page_size or default, maximum)
+
+
+def read_page_request(
+    tokens: PageTokens, page_size: int, page_token: str, scope: str, expect: type[int] | type[str] = int
+) -> tuple[int, int | str | None]:
+    """Validate a List request's paging fields for the RPC layer.
+
+    Returns:
+        The page size to use and the position (of type ``expect``) after
+        which the page starts, or None for the first page.
+
+    Raises:
+        InvalidArgument: a negative ``page_size`` or a bad ``page_token``, with
+            the field named in the violations.
+    """
+    from .errors import InvalidArgument  # paging stays usable without the RPC error types
+
+    try:
+        size = clamp_page_size(page_size)
+    except ValueError as e:
+        raise InvalidArgument(str(e), violations=[("page_size", "must not be negative")]) from None
+    if not page_token:
+        return size, None
+    try:
+        position = tokens.decode(page_token, scope)
+    except PageTokenError as e:
+        raise InvalidArgument(f"invalid page_token: {e}", reason="INVALID_PAGE_TOKEN",
+                              violations=[("page_token", str(e))]) from None
+    if len(position) != 1 or not isinstance(position[0], expect):
+        raise InvalidArgument("invalid page_token", reason="INVALID_PAGE_TOKEN",
+                              violations=[("page_token", "malformed")])
+    return size, position[0]

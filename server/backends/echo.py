@@ -17,6 +17,7 @@ from google.rpc import code_pb2
 
 from longbatch.v1 import content_pb2
 
+from ..wire import length_delimited, varint_field
 from .base import BackendError
 
 DEFAULT_DIMENSION = 768
@@ -30,7 +31,7 @@ class EchoBackend:
     def __init__(self, latency_s: float = 0.0, model_version: str = "echo-1") -> None:
         self._latency_s = latency_s
         self._version = model_version
-        self._version_field = _ld(4, model_version.encode()) if model_version else b""
+        self._version_field = length_delimited(4, model_version.encode()) if model_version else b""
 
     async def generate(self, request: content_pb2.GenerateContentRequest) -> content_pb2.GenerateContentResponse:
         """Answer with the last turn's text, cut to max_output_tokens words."""
@@ -85,10 +86,10 @@ class EchoBackend:
         prompt = " ".join([p.text for p in request.contents[0].parts if p.HasField("text")])
         tokens = len(prompt.split())
         text = prompt.encode()
-        content = _ld(1, _ld(2, text)) + _MODEL_ROLE
-        candidate = _ld(1, content) + _FINISH_STOP
-        usage = b"".join(_varint_field(n, v) for n, v in ((1, tokens), (2, tokens), (3, 2 * tokens)) if v)
-        return _ld(1, candidate) + _ld(2, usage) + self._version_field
+        content = length_delimited(1, length_delimited(2, text)) + _MODEL_ROLE
+        candidate = length_delimited(1, content) + _FINISH_STOP
+        usage = b"".join(varint_field(n, v) for n, v in ((1, tokens), (2, tokens), (3, 2 * tokens)) if v)
+        return length_delimited(1, candidate) + length_delimited(2, usage) + self._version_field
 
     @property
     def bulk(self) -> bool:
@@ -117,26 +118,8 @@ class EchoBackend:
         """Nothing to release."""
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _ld(number: int, data: bytes) -> bytes:
-    """A length-delimited field."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _varint_field(number: int, value: int) -> bytes:
-    return _varint(number << 3) + _varint(value)
-
-
-_MODEL_ROLE = _ld(2, b"model")
-_FINISH_STOP = _varint_field(2, _FINISH.FINISH_REASON_STOP)
+_MODEL_ROLE = length_delimited(2, b"model")
+_FINISH_STOP = varint_field(2, _FINISH.FINISH_REASON_STOP)
 
 
 def hash_vector(seed: bytes, dim: int) -> list[float]:

@@ -28,7 +28,7 @@ from ..edge import current_tenant
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..files import FileStorage, HashingWriter, new_id
 from ..ingest import SMALL_FILE_BYTES
-from ..paging import PageTokenError, PageTokens, clamp_page_size
+from ..paging import PageTokens, read_page_request
 from ..store import Store, StoreConflict
 from ..validate import MAX_DISPLAY_NAME, parse_name
 
@@ -181,22 +181,10 @@ class FileService(file_pb2_grpc.FileServiceServicer):
     async def ListFiles(self, request: file_pb2.ListFilesRequest, context: Context) -> file_pb2.ListFilesResponse:
         """A page of the caller's files, newest first."""
         tenant = current_tenant()
-        try:
-            size = clamp_page_size(request.page_size)
-        except ValueError as e:
-            raise InvalidArgument(str(e), violations=[("page_size", "must not be negative")]) from None
         scope = f"files\x00{tenant}"
-        before: int | None = None
-        if request.page_token:
-            try:
-                (position,) = self._tokens.decode(request.page_token, scope)
-            except (PageTokenError, ValueError) as e:
-                raise InvalidArgument(f"invalid page_token: {e}", reason="INVALID_PAGE_TOKEN",
-                                      violations=[("page_token", str(e))]) from None
-            if not isinstance(position, int):
-                raise InvalidArgument("invalid page_token", reason="INVALID_PAGE_TOKEN",
-                                      violations=[("page_token", "malformed")])
-            before = position
+        size, position = read_page_request(self._tokens, request.page_size, request.page_token, scope)
+        assert position is None or isinstance(position, int)
+        before = position
         rows = await self._store.list_files(tenant, before, size + 1)
         page = rows[:size]
         token = self._tokens.encode(scope, (page[-1].seq,)) if len(rows) > size else ""

@@ -10,8 +10,8 @@ import grpc
 from longbatch.v1 import model_pb2, model_pb2_grpc
 
 from ..config import ModelConfig
-from ..errors import InvalidArgument, NotFound
-from ..paging import PageTokenError, PageTokens, clamp_page_size
+from ..errors import NotFound
+from ..paging import PageTokens, read_page_request
 from ..validate import Violations, validate_model_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -35,17 +35,9 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         self, request: model_pb2.ListModelsRequest, context: Context
     ) -> model_pb2.ListModelsResponse:
         """A page of models."""
-        try:
-            size = clamp_page_size(request.page_size)
-        except ValueError as e:
-            raise InvalidArgument(str(e), violations=[("page_size", "must not be negative")]) from None
+        size, after = read_page_request(self._tokens, request.page_size, request.page_token, "models", str)
         start = 0
-        if request.page_token:
-            try:
-                (after,) = self._tokens.decode(request.page_token, "models")
-            except (PageTokenError, ValueError) as e:
-                raise InvalidArgument(f"invalid page_token: {e}", reason="INVALID_PAGE_TOKEN",
-                                      violations=[("page_token", str(e))]) from None
+        if after is not None:
             start = next((i for i, m in enumerate(self._models) if m.name > str(after)), len(self._models))
         page = self._models[start:start + size]
         more = start + size < len(self._models)
