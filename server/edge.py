@@ -19,7 +19,7 @@ import grpc
 from google.rpc import status_pb2
 
 from .config import ApiKey
-from .errors import Internal, ServiceError, Unauthenticated
+from .errors import Internal, InvalidArgument, ServiceError, Unauthenticated
 
 log = logging.getLogger("longbatch.edge")
 
@@ -100,6 +100,41 @@ class Authenticator:
 
 
 Behavior = Callable[..., Any]
+
+
+class _Undecodable:
+    """Stands in for a request message that did not parse (corrupt bytes,
+    nesting past protobuf's depth limit): gRPC would answer UNKNOWN with the
+    exception text if the deserializer raised, so it returns this instead and
+    the handler answers INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(f"malformed request message: {self.reason[:200]}", reason="MALFORMED_REQUEST")
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:
+            return _Undecodable(str(e))
+
+    return parse
+
+
+async def _checked(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for message in messages:
+        if isinstance(message, _Undecodable):
+            raise message.error()
+        yield message
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
@@ -140,10 +175,17 @@ def _wrap(handler: Handler, method: str, auth: Authenticator | None) -> Handler:
         log.error("unexpected error in %s", method, exc_info=exc)
         await abort_with_status(context, Internal("internal error; see the server log").to_status())
 
+    h: Any = handler
+    streamed_requests = bool(h.stream_unary or h.stream_stream)
+
     def unary(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
                 enter(context)
+                if isinstance(request, _Undecodable):
+                    raise request.error()
+                if streamed_requests:
+                    request = _checked(request)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -156,6 +198,10 @@ def _wrap(handler: Handler, method: str, auth: Authenticator | None) -> Handler:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
                 enter(context)
+                if isinstance(request, _Undecodable):
+                    raise request.error()
+                if streamed_requests:
+                    request = _checked(request)
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:
@@ -165,8 +211,7 @@ def _wrap(handler: Handler, method: str, auth: Authenticator | None) -> Handler:
 
         return call
 
-    h: Any = handler
-    ser, deser = h.response_serializer, h.request_deserializer
+    ser, deser = h.response_serializer, _lenient(h.request_deserializer)
     if h.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(h.unary_unary), deser, ser)
     if h.unary_stream:
