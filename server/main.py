@@ -52,12 +52,14 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"error: no API keys are configured, so longbatch runs open and will only listen on loopback; "
               f"configure [[api_keys]] or pass --allow-open to serve {args.host} anyway", file=sys.stderr)
         return 2
-    running = await start_server(config, args.data_dir, args.host, args.port)
-    print(f"longbatch listening on {args.host}:{running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    running = await start_server(config, args.data_dir, args.host, args.port)
+    # Printed only once signals are handled: a supervisor may stop us as soon
+    # as it reads this line.
+    print(f"longbatch listening on {args.host}:{running.port}", flush=True)
     await stop.wait()
     log.info("shutting down")
     await running.stop()
