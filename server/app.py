@@ -7,6 +7,7 @@ import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 from google.longrunning import operations_pb2_grpc
@@ -18,7 +19,7 @@ from longbatch.v1 import batch_pb2_grpc, file_pb2_grpc, model_pb2_grpc
 from .backends import create_backend
 from .config import ServerConfig
 from .domain import Batch
-from .edge import Authenticator, EdgeInterceptor
+from .edge import Authenticator, EdgeRegistrar
 from .executor import Executor, ModelRuntime
 from .files import FileStorage
 from .ingest import ParsePool, ingest
@@ -122,18 +123,20 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     # RESOURCE_EXHAUSTED before it is read into memory.
     max_message = config.limits.max_create_bytes
     server = grpc.aio.server(
-        interceptors=[EdgeInterceptor(Authenticator(config.api_keys))],
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
             ("grpc.so_reuseport", 0),
         ],
     )
-    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), server)
-    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), server)
-    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), server)
+    # The generated add_* functions only call the registration methods, which
+    # EdgeRegistrar provides; it stands in for the server to wrap each handler.
+    edge = cast(grpc.aio.Server, EdgeRegistrar(server, Authenticator(config.api_keys)))
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), edge)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
+    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
     file_service = FileService(store, files, config.limits, tokens, on_large_upload=parse_pool.warm)
-    file_pb2_grpc.add_FileServiceServicer_to_server(file_service, server)
+    file_pb2_grpc.add_FileServiceServicer_to_server(file_service, edge)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, SERVICE_NAMES)

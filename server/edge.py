@@ -1,10 +1,10 @@
 """The gRPC edge: API-key auth, tenant scoping and error mapping.
 
-One interceptor wraps every method handler so that servicers never deal with
-either concern: a handler sees the caller's tenant through ``current_tenant()``
-and raises ``ServiceError``s; anything else it raises is logged and answered
-INTERNAL with a generic message, so no client ever sees UNKNOWN or a
-traceback.
+Every method handler is wrapped once, when its servicer is registered
+(``EdgeRegistrar``), so that servicers never deal with either concern: a
+handler sees the caller's tenant through ``current_tenant()`` and raises
+``ServiceError``s; anything else it raises is logged and answered INTERNAL
+with a generic message, so no client ever sees UNKNOWN or a traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
@@ -28,8 +28,6 @@ OPEN_TENANT = "default"
 
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("longbatch_tenant")
 
-# Health and reflection must answer load balancers and grpcurl without a key.
-_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -136,38 +134,56 @@ async def _checked(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
             raise message.error()
         yield message
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 
 
-class EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Authenticates each call and maps every exception to a proper status."""
+class EdgeRegistrar:
+    """Adds servicers to a server with every method handler wrapped, once,
+    by the edge: auth, tenant and error mapping.
 
-    def __init__(self, auth: Authenticator) -> None:
+    Pass it where generated ``add_*Servicer_to_server`` functions expect the
+    server (they only call the two methods below). Wrapping at registration
+    costs nothing per call, where a server interceptor runs a coroutine on
+    every RPC and bypasses gRPC's registered-method fast path. Health and
+    reflection are added to the server directly: they need no key.
+    """
+
+    def __init__(self, server: grpc.aio.Server, auth: Authenticator) -> None:
+        self._server = server
         self._auth = auth
-        # Wrapped handlers per method: the servicers never change, and
-        # wrapping anew on every call is a measurable share of a cheap RPC.
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[GenericHandler]) -> None:
+        """Register generic handlers whose method handlers come out wrapped."""
+        self._server.add_generic_rpc_handlers(tuple(_EdgeGenericHandler(h, self._auth) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
+        """Register a service's method handlers, wrapped."""
+        # Missing from grpc-stubs; grpc.aio servers have it since 1.63.
+        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
+            service, {name: _wrap(h, f"/{service}/{name}", self._auth) for name, h in method_handlers.items()}
+        )
+
+
+class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(self, inner: GenericHandler, auth: Authenticator) -> None:
+        self._inner = inner
+        self._auth = auth
         self._wrapped: dict[str, Handler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         method: str = handler_call_details.method
         wrapped = self._wrapped.get(method)
-        if wrapped is not None:
-            return wrapped
-        handler = await continuation(handler_call_details)
-        if handler is None:  # unknown method: let grpc answer UNIMPLEMENTED
-            return handler  # type: ignore[unreachable]
-        public = method.startswith(_PUBLIC_PREFIXES)
-        wrapped = _wrap(handler, method, None if public else self._auth)
-        self._wrapped[method] = wrapped
+        if wrapped is None:
+            handler = self._inner.service(handler_call_details)
+            if handler is None:
+                return None  # not ours; unknown names are not cached (clients choose them)
+            wrapped = self._wrapped[method] = _wrap(handler, method, self._auth)
         return wrapped
 
 
-def _wrap(handler: Handler, method: str, auth: Authenticator | None) -> Handler:
+def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
     def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        _tenant.set(auth.tenant_for(context.invocation_metadata()) if auth and not auth.open else OPEN_TENANT)
+        _tenant.set(OPEN_TENANT if auth.open else auth.tenant_for(context.invocation_metadata()))
 
     async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         if isinstance(exc, ServiceError):
