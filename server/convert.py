@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from google.longrunning import operations_pb2
-from google.protobuf import any_pb2, struct_pb2, timestamp_pb2
+from google.protobuf import any_pb2, timestamp_pb2
 from google.rpc import status_pb2
 
 from longbatch.v1 import batch_pb2
@@ -142,8 +142,3 @@ def closed_item(state: State) -> tuple[ItemStatus, bytes]:
     """What an unfinished request of a batch closed in ``state`` counts and
     reads as: CANCELLED (code 1) or, for EXPIRED, DEADLINE_EXCEEDED (code 4)."""
     return _CLOSED_ITEMS.get(state, _CLOSED_OTHER)
-
-
-def struct_bytes(value: struct_pb2.Struct | None) -> bytes | None:
-    """Serialized Struct, or None when unset."""
-    return value.SerializeToString() if value is not None else None

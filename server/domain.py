@@ -34,11 +34,6 @@ class State(enum.IntEnum):
     CANCELLED = 5
     EXPIRED = 6
 
-    @property
-    def terminal(self) -> bool:
-        """True for the states a batch ends in."""
-        return self >= State.SUCCEEDED
-
 
 class ItemStatus(enum.IntEnum):
     """Outcome of one request; every non-PENDING status is final."""
