@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import sqlite3
 import sys
 import sysconfig
 import time
@@ -24,6 +25,15 @@ def tool(name: str) -> str | None:
     put buf and grpcurl into the venv's bin/, which need not be on PATH)."""
     beside = Path(sysconfig.get_path("scripts")) / name
     return str(beside) if beside.exists() else shutil.which(name)
+
+
+def assert_db_intact(data_dir: Path) -> None:
+    """The server's SQLite database passes ``PRAGMA integrity_check``."""
+    db = sqlite3.connect(data_dir / "longbatch.db")
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        db.close()
 
 
 @dataclass

@@ -27,7 +27,6 @@ import contextlib
 import os
 import random
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -41,7 +40,7 @@ from google.longrunning import operations_pb2
 
 from longbatch.v1 import batch_pb2, file_pb2, file_pb2_grpc
 
-from support import ServerProcess, Stubs, metadata_of, wait_done
+from support import ServerProcess, Stubs, assert_db_intact, metadata_of, wait_done
 
 MODEL = "models/remote"
 MAX_CONCURRENCY = 64
@@ -349,11 +348,7 @@ async def crash_run(tmp_path: Path, n: int, running_kills: int, within: float) -
             assert await proc.terminate() == 0
         finally:
             await proc.ensure_dead()
-    db = sqlite3.connect(data_dir / "longbatch.db")
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    finally:
-        db.close()
+    assert_db_intact(data_dir)
     report.timings["total"] = time.monotonic() - t_start
     print(f"crash run: {report.kills} kills ({report.kills_pending} during ingest, {report.kills_running} running, "
           f"at {report.kill_progress} done); restarts "

@@ -33,7 +33,6 @@ import asyncio
 import os
 import random
 import re
-import sqlite3
 import sys
 import time
 from collections import Counter
@@ -47,7 +46,7 @@ from google.longrunning import operations_pb2
 
 from longbatch.v1 import batch_pb2
 
-from support import ServerProcess, Stubs, details, gen_request, metadata_of
+from support import ServerProcess, Stubs, assert_db_intact, details, gen_request, metadata_of
 
 CLIENTS = 64
 MAX_OPEN_PER_CLIENT = 4
@@ -428,11 +427,7 @@ async def soak(tmp_path: Path, duration_s: float) -> Tally:
     finally:
         await proc.ensure_dead()
 
-    db = sqlite3.connect(data_dir / "longbatch.db")
-    try:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    finally:
-        db.close()
+    assert_db_intact(data_dir)
     log = log_path.read_text(errors="replace")
 
     by_rpc: dict[str, dict[str, int]] = {}
