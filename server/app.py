@@ -22,7 +22,7 @@ from .domain import Batch
 from .edge import Authenticator, EdgeRegistrar
 from .executor import Executor, ModelRuntime
 from .files import FileStorage
-from .ingest import ParsePool, ingest
+from .ingest import ingest
 from .manager import BatchManager
 from .notifier import Notifier
 from .outputs import Outputs
@@ -35,6 +35,7 @@ from .services.models import ModelService
 from .services.operations import OperationsService
 from .sqlite_store import SQLiteStore
 from .webhooks import WebhookDispatcher
+from .workers import WorkerPool
 
 log = logging.getLogger("longbatch")
 
@@ -59,7 +60,7 @@ class Running:
     grace_s: float
     file_expiry: FileExpiry | None = None
     webhooks: WebhookDispatcher | None = None
-    parse_pool: ParsePool | None = None
+    workers: WorkerPool | None = None
     retention: RetentionPurge | None = None
     _stopped: bool = False
 
@@ -73,8 +74,8 @@ class Running:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.executor.stop(grace)
-        if self.parse_pool is not None:
-            await asyncio.to_thread(self.parse_pool.close)
+        if self.workers is not None:  # after the executor, whose backends may use them
+            await asyncio.to_thread(self.workers.close)
         if self.webhooks is not None:  # after the executor: its last batches still enqueue
             await self.webhooks.stop(grace)
         if self.file_expiry is not None:
@@ -100,17 +101,17 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     files = FileStorage(data_dir / "files")
     files.prepare()
     notifier = Notifier()
-    outputs = Outputs(store, files, config.limits.max_inline_output)
+    workers = WorkerPool(config.workers)
+    outputs = Outputs(store, files, config.limits.max_inline_output, workers=workers)
     runtimes = {
         m.name: ModelRuntime(name=m.name, backend=create_backend(m), max_concurrency=m.max_concurrency)
         for m in config.models
     }
-    parse_pool = ParsePool(config.ingest_workers)
 
     async def read_input(batch: Batch) -> int:
         assert batch.input_file is not None
         return await ingest(batch, files.path(batch.input_file), config.limits,
-                            functools.partial(store.append_items, batch.id), parse_pool)
+                            functools.partial(store.append_items, batch.id), workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input)
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
@@ -135,7 +136,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), edge)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
-    file_service = FileService(store, files, config.limits, tokens, on_large_upload=parse_pool.warm)
+    file_service = FileService(store, files, config.limits, tokens, on_large_upload=workers.warm)
     file_pb2_grpc.add_FileServiceServicer_to_server(file_service, edge)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -155,4 +156,4 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     retention = RetentionPurge(store, files, outputs, config.limits.retention_s)
     retention.start()
     return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry,
-                   webhooks=webhooks, parse_pool=parse_pool, retention=retention)
+                   webhooks=webhooks, workers=workers, retention=retention)

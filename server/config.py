@@ -139,8 +139,12 @@ class WebhookSettings:
     """POSTs in flight at once (8)."""
 
 
+# Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
+# high limit lets one commit carry hundreds of results.
+_DEFAULT_CONCURRENCY = {"echo": 1024}
+
 DEFAULT_MODELS = (
-    ModelConfig(name="models/echo", backend="echo", max_concurrency=64, display_name="Echo (test model)"),
+    ModelConfig(name="models/echo", backend="echo", max_concurrency=1024, display_name="Echo (test model)"),
     ModelConfig(name="models/echo-slow", backend="echo", max_concurrency=16, latency_s=0.05,
                 display_name="Echo with 50 ms latency (test model)"),
 )
@@ -164,8 +168,9 @@ class ServerConfig:
     """Webhook delivery retries and timeouts."""
     grace_period_s: float = 10.0
     """Seconds in-flight RPCs get to finish on shutdown."""
-    ingest_workers: int = 2
-    """Processes that parse input files; 0 parses on a thread instead."""
+    workers: int = 2
+    """Processes for CPU-bound work (parsing input files, writing results
+    files, the echo model); 0 keeps that work in the server process."""
 
 
 def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -207,7 +212,8 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
         models.append(ModelConfig(
             name=name,
             backend=_get(m, "backend", str, where) if "backend" in m else "echo",
-            max_concurrency=_get(m, "max_concurrency", int, where) if "max_concurrency" in m else 64,
+            max_concurrency=(_get(m, "max_concurrency", int, where) if "max_concurrency" in m
+                             else _DEFAULT_CONCURRENCY.get(m.get("backend"), 64)),
             latency_s=parse_duration(m["latency"], f"{where}.latency") if "latency" in m else 0.0,
             display_name=_get(m, "display_name", str, where) if "display_name" in m else "",
             options=extra,
@@ -244,9 +250,9 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
 
     srv = data.get("server", {})
     grace = parse_duration(srv["grace_period"], "server.grace_period") if "grace_period" in srv else 10.0
-    ingest_workers = _get(srv, "ingest_workers", int, "server") if "ingest_workers" in srv else 2
-    if not 0 <= ingest_workers <= 16:
-        raise ConfigError("server.ingest_workers must be between 0 and 16")
+    workers = _get(srv, "workers", int, "server") if "workers" in srv else 2
+    if not 0 <= workers <= 16:
+        raise ConfigError("server.workers must be between 0 and 16")
     return ServerConfig(
         models=tuple(models) if models else DEFAULT_MODELS,
         api_keys=tuple(keys),
@@ -255,7 +261,7 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
         webhook_secret=secret,
         webhooks=webhooks,
         grace_period_s=grace,
-        ingest_workers=ingest_workers,
+        workers=workers,
     )
 
 

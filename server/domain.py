@@ -1,6 +1,6 @@
 """Domain objects shared by the store, the executor and the services.
 
-These are plain frozen dataclasses; request and result payloads are opaque
+These are frozen dataclasses and NamedTuples; request and result payloads are opaque
 serialized protobuf bytes here, decoded only by ``convert`` and the backends.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 def now_us() -> int:
@@ -45,9 +46,12 @@ class ItemStatus(enum.IntEnum):
     EXPIRED = 4
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """A batch as stored, with live counters."""
+class Batch(NamedTuple):
+    """A batch as stored, with live counters.
+
+    A NamedTuple, not a frozen dataclass: one is built per GetOperation, and
+    23 fields cost ~6.6 µs through a frozen dataclass's __init__.
+    """
 
     id: str
     seq: int
@@ -120,8 +124,11 @@ class NewBatch:
     request_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class NewItem:
+# Per-request records are NamedTuples: built a million times per big batch,
+# and a frozen dataclass costs ~2 µs to build against ~0.3 µs.
+
+
+class NewItem(NamedTuple):
     """One request of a new batch."""
 
     idx: int
@@ -130,16 +137,14 @@ class NewItem:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class PendingItem:
+class PendingItem(NamedTuple):
     """A request still to run."""
 
     idx: int
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """The final result of one request, ready to persist."""
 
     batch_id: str
@@ -149,8 +154,7 @@ class Outcome:
     """Serialized response on success, serialized google.rpc.Status otherwise."""
 
 
-@dataclass(frozen=True, slots=True)
-class ResultRow:
+class ResultRow(NamedTuple):
     """A finished request as read back for output."""
 
     idx: int

@@ -3,9 +3,10 @@
 Per model, long-lived workers pull requests from a scheduler that serves the
 highest-priority batch first, FIFO among equals, with at most
 ``max_concurrency`` requests in flight (one per worker, or a chunk per worker
-for backends that answer in bulk). Each worker hands its results to one
-writer and waits for their commit (group commit: one transaction holds all
-that queued meanwhile); a request counts only once it is persisted. Batches
+for backends that answer in bulk). Each worker waits for its results to be
+committed before it takes more: a bulk chunk is committed as it is, single
+results go to one writer that commits all that queued meanwhile (group
+commit); a request counts only once it is persisted. Batches
 end through one path, ``finish``, serialized per batch, so a Cancel racing
 completion yields exactly one final state.
 
@@ -44,7 +45,7 @@ log = logging.getLogger("longbatch.executor")
 _REFILL = 1024
 _YIELD_EVERY = 64
 _CANCEL_WAIT_S = 2.0
-_BULK = 32
+_BULK_MAX = 512
 # What a batch's unfinished requests count as when it ends in each state.
 _REST = {
     State.SUCCEEDED: ItemStatus.CANCELLED,
@@ -66,6 +67,11 @@ class ModelRuntime:
     a runtime Protocol check per call costs more than the call)."""
     raw_generate_many: Callable[[list[bytes]], Awaitable[list[bytes]]] | None = field(init=False)
     """The backend's bulk fast path, if it offers one."""
+    chunk: int = field(init=False)
+    """Requests a worker takes at a time: 1, or for a bulk backend a quarter
+    of the concurrency (at most _BULK_MAX). A commit's fixed cost is shared
+    by many results, and with four workers two chunks are being answered
+    while the other two commit."""
 
     def __post_init__(self) -> None:
         raw = self.backend.generate_raw if isinstance(self.backend, RawGenerate) else None
@@ -73,6 +79,8 @@ class ModelRuntime:
         bulk = isinstance(self.backend, BulkGenerate) and self.backend.bulk
         many = self.backend.generate_raw_many if bulk else None  # type: ignore[attr-defined]
         object.__setattr__(self, "raw_generate_many", many)
+        chunk = max(1, min(_BULK_MAX, self.max_concurrency // 4)) if many is not None else 1
+        object.__setattr__(self, "chunk", chunk)
 
 
 @dataclass(eq=False)
@@ -93,9 +101,11 @@ class _Run:
 class _ModelQueue:
     """The runs of one model, in priority order, and a wake-up for workers."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_concurrency: int) -> None:
         self.runs: list[_Run] = []
         self.wakeup = asyncio.Event()
+        # Requests read from the store at a time: enough to keep every worker busy.
+        self.refill = max(_REFILL, 2 * max_concurrency)
 
     def add(self, run: _Run) -> None:
         self.runs.append(run)
@@ -126,7 +136,7 @@ class Executor:
         self._outputs = outputs
         self._notifier = notifier
         self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
-        self._queues = {name: _ModelQueue() for name in models}
+        self._queues = {name: _ModelQueue(m.max_concurrency) for name, m in models.items()}
         self._runs: dict[str, tuple[_Run, _ModelQueue]] = {}
         # Unbounded, but each worker has at most one entry in it.
         self._results: asyncio.Queue[tuple[list[Outcome], asyncio.Future[None]]] = asyncio.Queue()
@@ -160,12 +170,7 @@ class Executor:
                 self.submit(batch)
         self._writer = asyncio.create_task(self._write_loop(), name="longbatch-writer")
         for name, model in self._models.items():
-            # A bulk backend serves up to _BULK requests per call, so fewer
-            # workers reach the same concurrency, and fewer runnable tasks per
-            # loop turn keep RPCs responsive while a big batch runs.
-            workers = model.max_concurrency
-            if model.raw_generate_many is not None:
-                workers = max(1, -(-model.max_concurrency // _BULK))
+            workers = -(-model.max_concurrency // model.chunk)
             for i in range(workers):
                 self._workers.append(asyncio.create_task(self._worker(name, model), name=f"worker-{name}-{i}"))
         self._sweeper = asyncio.create_task(self._expire_loop(), name="longbatch-expiry")
@@ -272,7 +277,7 @@ class Executor:
     def _next(self, queue: _ModelQueue, most: int) -> tuple[_Run, list[PendingItem]] | None:
         """Up to ``most`` requests of the first run (in priority order) that has any."""
         for run in queue.runs:
-            if len(run.buffer) < _REFILL // 2 and not run.exhausted and not run.refilling:
+            if len(run.buffer) < queue.refill // 2 and not run.exhausted and not run.refilling:
                 run.refilling = True
                 self._spawn(self._refill(run, queue))
             if run.buffer:
@@ -285,7 +290,7 @@ class Executor:
             if not run.started:
                 run.started = True
                 await self._store.mark_running(run.batch_id)
-            items = await self._store.pending_items(run.batch_id, run.cursor, _REFILL)
+            items = await self._store.pending_items(run.batch_id, run.cursor, queue.refill)
         except Exception:
             log.exception("reading requests of batches/%s failed; retrying", run.batch_id)
             await asyncio.sleep(1.0)
@@ -296,7 +301,7 @@ class Executor:
             run.buffer.extend(items)
             if items:
                 run.cursor = items[-1].idx + 1
-            if len(items) < _REFILL:
+            if len(items) < queue.refill:
                 run.exhausted = True
                 if not run.buffer and run in queue.runs:
                     queue.runs.remove(run)  # everything dispatched; the writer finishes it
@@ -307,25 +312,30 @@ class Executor:
 
     async def _worker(self, model_name: str, model: ModelRuntime) -> None:
         queue = self._queues[model_name]
-        bulk = model.raw_generate_many is not None
         done_without_yield = 0
         while not self._stopping:
-            picked = self._next(queue, _BULK if bulk else 1)
+            picked = self._next(queue, model.chunk)
             if picked is None:
                 queue.wakeup.clear()
                 await queue.wakeup.wait()
                 continue
             run, items = picked
-            if len(items) > 1 and run.kind is BatchKind.GENERATE:
-                outcomes = await self._execute_bulk(model, run, items)
-            else:
-                outcomes = [await self._execute(model, run, item) for item in items]
             # Wait for the commit before taking more work: answered but
             # unsaved results are lost (and re-run) if the process dies, so
             # they must stay bounded by the model's concurrency.
-            committed = asyncio.get_running_loop().create_future()
-            self._results.put_nowait((outcomes, committed))
-            await committed
+            if len(items) > 1:
+                if run.kind is BatchKind.GENERATE:
+                    outcomes = await self._execute_bulk(model, run, items)
+                else:
+                    outcomes = [await self._execute(model, run, item) for item in items]
+                # A chunk is a group already. Committing it at once, rather
+                # than through the writer task, starts the transaction on the
+                # store's thread now, while other workers answer their chunks.
+                await self._persist(outcomes)
+            else:
+                committed = asyncio.get_running_loop().create_future()
+                self._results.put_nowait(([await self._execute(model, run, items[0])], committed))
+                await committed
             done_without_yield += len(items)
             if done_without_yield >= _YIELD_EVERY:
                 # A backend that never suspends (echo) must not starve the loop.
@@ -433,22 +443,26 @@ class Executor:
             entries = [await self._results.get()]
             while not self._results.empty():
                 entries.append(self._results.get_nowait())
-            outcomes = [o for batch_outcomes, _ in entries for o in batch_outcomes]
             try:
-                touched = await self._store.record_outcomes(outcomes)
-            except Exception:
-                # Unrecorded results stay PENDING in the store and run again
-                # after a restart; nothing is counted that was not persisted.
-                log.exception("persisting %d results failed", len(outcomes))
-                touched = {}
+                await self._persist([o for batch_outcomes, _ in entries for o in batch_outcomes])
             finally:
                 for _, committed in entries:
                     if not committed.done():
                         committed.set_result(None)
                     self._results.task_done()
-            for batch in touched.values():
-                if not batch.closed and batch.pending == 0:
-                    self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
+
+    async def _persist(self, outcomes: list[Outcome]) -> None:
+        """Record results in one transaction and finish the batches they complete."""
+        try:
+            touched = await self._store.record_outcomes(outcomes)
+        except Exception:
+            # Unrecorded results stay PENDING in the store and run again
+            # after a restart; nothing is counted that was not persisted.
+            log.exception("persisting %d results failed", len(outcomes))
+            return
+        for batch in touched.values():
+            if not batch.closed and batch.pending == 0:
+                self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
 
     # -- ending batches -------------------------------------------------------------
 

@@ -14,13 +14,8 @@ already stored are dropped by the caller.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
-import multiprocessing.connection
-import os
-import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +26,7 @@ from .domain import Batch, BatchKind, NewItem
 from .errors import make_status
 from .jsonl import LineError, parse_embed_line, parse_generate_line
 from .validate import MAX_VIOLATIONS, Violations, validate_embed_request, validate_generate_request
+from .workers import WorkerPool
 
 RANGE_BYTES = 4 << 20
 """Bytes parsed per task: large enough to amortize the hop to a worker."""
@@ -144,62 +140,9 @@ def _bad(out: RangeResult, problem: str) -> None:
     out.payloads.clear()
 
 
-def _exit_with_parent() -> None:
-    """Pool initializer: end this worker when the server process dies.
-
-    A SIGKILLed server runs no shutdown code, and orphaned workers would
-    live on holding its stdout open.
-    """
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        multiprocessing.connection.wait([parent.sentinel])
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-class ParsePool:
-    """Worker processes for parsing, started on first use, shared by ingests."""
-
-    def __init__(self, workers: int = 2) -> None:
-        self._workers = workers
-        self._pool: ProcessPoolExecutor | None = None
-        self._warmed = False
-
-    def get(self) -> Executor | None:
-        """The pool, or None when configured with no workers (threads then)."""
-        if self._workers <= 0:
-            return None
-        if self._pool is None:
-            # spawn: forking a process that runs gRPC threads is unsafe.
-            self._pool = ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent
-            )
-        return self._pool
-
-    def warm(self) -> None:
-        """Start the workers now (about half a second each) so that the next
-        large ingest does not wait for them."""
-        pool = self.get()
-        if pool is not None and not self._warmed:
-            self._warmed = True
-            for _ in range(self._workers):
-                pool.submit(int)  # a no-op task makes the pool start a worker
-
-    def close(self) -> None:
-        """Stop the workers; safe to call twice."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-            self._warmed = False
-
-
 async def ingest(
     batch: Batch, path: Path, limits: Limits, append: Callable[[list[NewItem]], Awaitable[None]],
-    pool: ParsePool | None = None,
+    pool: WorkerPool | None = None,
 ) -> int:
     """Read ``path`` for ``batch``, storing requests through ``append``.
 

@@ -108,5 +108,17 @@ def status(data: bytes) -> dict[str, Any]:
 
 
 def struct(data: bytes) -> dict[str, Any]:
-    """MessageToDict of a serialized google.protobuf.Struct."""
-    return json_format.MessageToDict(struct_pb2.Struct.FromString(data))
+    """MessageToDict of a serialized google.protobuf.Struct, keys sorted.
+
+    A Struct is a map, whose order is the runtime's: it differs between
+    processes, and a responses file must not depend on which one wrote it.
+    """
+    return _sorted_keys(json_format.MessageToDict(struct_pb2.Struct.FromString(data)))
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value

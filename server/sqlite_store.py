@@ -1,21 +1,27 @@
-"""SQLite implementation of the Store, through aiosqlite.
+"""SQLite implementation of the Store.
 
-Two connections: one writer, whose transactions are serialized by an asyncio
-lock (the single write path that keeps "database is locked" away from
-clients), and one read-only reader, which in WAL mode sees committed
+Each connection of the server has one job. Every write transaction runs as
+one synchronous function on a single writer thread that owns a plain
+sqlite3 connection: one hop between the event loop and that thread per
+transaction, however many statements it holds, and FIFO order on the one
+thread serializes writers (the single write path that keeps "database is
+locked" away from clients). Point reads run on the event loop's own thread
+through ``_quick``; longer reads and scans go through an aiosqlite reader so
+that they never stall the loop. In WAL mode both readers see committed
 snapshots without waiting for the writer. All SQL of the project lives here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -32,7 +38,7 @@ from .domain import (
     StoredFile,
     now_us,
 )
-from .store import DeliveryStatus, Purged, StoreConflict, WebhookDelivery
+from .store import DeliveryStatus, Purged, RawResult, ResultReader, StoreConflict, WebhookDelivery
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -125,7 +131,50 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE batches ADD COLUMN final_state INTEGER;
     UPDATE batches SET final_state = state, state = 2 WHERE done = 0 AND state >= 3;
     """,
+    # v6: results move to a table of their own. Writing a result into the
+    # request's row grew the row and split its page: ~11 µs per result
+    # against ~4 µs to append to this table. A request is PENDING while it
+    # has no row here.
+    """
+    CREATE TABLE results (
+        batch_seq INTEGER NOT NULL,
+        idx INTEGER NOT NULL,
+        status INTEGER NOT NULL,             -- ItemStatus, never PENDING
+        result BLOB NOT NULL,                -- response, or google.rpc.Status
+        PRIMARY KEY (batch_seq, idx)
+    ) WITHOUT ROWID;
+    INSERT INTO results SELECT batch_seq, idx, status, COALESCE(result, x'') FROM requests WHERE status != 0;
+    ALTER TABLE requests DROP COLUMN status;
+    ALTER TABLE requests DROP COLUMN result;
+    """,
 )
+
+# Requests with their results; status 0 (PENDING) and result NULL while unfinished.
+_RESULT_ROWS = (
+    "SELECT r.idx, r.key, r.metadata, COALESCE(x.status, 0), x.result FROM requests r "
+    "LEFT JOIN results x ON x.batch_seq = r.batch_seq AND x.idx = r.idx"
+)
+
+# Connections of worker processes that read results, by database path.
+_worker_connections: dict[str, sqlite3.Connection] = {}
+
+
+def read_result_rows(path: str, batch_seq: int, lo: int, hi: int) -> list[RawResult]:
+    """The rows of batch ``batch_seq`` with ``lo <= idx < hi``, in idx order,
+    through a read-only connection kept for the process (WAL: it never waits
+    for the server's writer)."""
+    conn = _worker_connections.get(path)
+    if conn is None:
+        uri = Path(path).absolute().as_uri() + "?mode=ro"  # as_uri percent-encodes odd characters
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        _worker_connections[path] = conn
+    return conn.execute(
+        f"{_RESULT_ROWS} WHERE r.batch_seq = ? AND r.idx >= ? AND r.idx < ? ORDER BY r.idx", (batch_seq, lo, hi),
+    ).fetchall()
+
+
+_STATUS = {int(s): s for s in ItemStatus}  # ItemStatus by value without an enum call per row
 
 _BATCH_COLUMNS = (
     "id, seq, tenant, kind, model, display_name, priority, state, done, create_time, update_time, "
@@ -140,6 +189,65 @@ _OUTCOME_COLUMN = {
     ItemStatus.EXPIRED: "expired",
 }
 _INSERT_CHUNK = 2000
+_INSERT_REQUESTS = "INSERT INTO requests (batch_seq, idx, key, metadata, payload) VALUES {values}"
+_VALUES_MAX = 512  # rows per multi-row statement; 5 columns stay far below SQLite's 32766 variables
+_PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = NORMAL",  # durable across process crashes in WAL mode
+    "PRAGMA busy_timeout = 10000",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA cache_size = -16000",
+)
+
+T = TypeVar("T")
+
+
+@functools.cache
+def _values_sql(template: str, width: int, rows: int) -> str:
+    row = "(" + ", ".join("?" * width) + ")"
+    return template.format(values=", ".join([row] * rows))
+
+
+def _execute_rows(conn: sqlite3.Connection, template: str, rows: Sequence[tuple[object, ...]],
+                  *tail: object) -> int:
+    """Run ``template`` over ``rows`` with its ``{values}`` replaced by a
+    multi-row VALUES list (``tail`` binds the placeholders after it); the
+    number of rows changed.
+
+    Not executemany: the sqlite3 module releases the GIL around every step,
+    and each time this thread takes it back from a busy event loop it may
+    wait a whole switch interval (5 ms), so a statement per row cost
+    seconds per commit under load. Rows go in slices of _VALUES_MAX, the
+    rest in powers of two, so few distinct statements get prepared.
+    """
+    if not rows:
+        return 0
+    width = len(rows[0])
+    before = conn.total_changes
+    start, n = 0, len(rows)
+    while start < n:
+        left = n - start
+        size = _VALUES_MAX if left >= _VALUES_MAX else 1 << (left.bit_length() - 1)
+        part = rows[start:start + size]
+        conn.execute(_values_sql(template, width, size), [*[x for r in part for x in r], *tail])
+        start += size
+    return conn.total_changes - before
+
+
+def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    # BEGIN IMMEDIATE takes the write lock up front instead of failing on
+    # the upgrade from a read lock halfway through.
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        # Not in a transaction when BEGIN itself failed, or when SQLite
+        # already rolled back on its own (disk full, I/O error).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 # Enum calls cost a microsecond each; rows are decoded on every GetOperation.
@@ -148,13 +256,12 @@ _KINDS = {k.value: k for k in BatchKind}
 
 
 def _batch(row: sqlite3.Row | tuple[Any, ...]) -> Batch:
+    # Positional, in _BATCH_COLUMNS order: keywords cost a microsecond more,
+    # and this runs on every GetOperation.
     return Batch(
-        id=row[0], seq=row[1], tenant=row[2], kind=_KINDS[row[3]], model=row[4], display_name=row[5],
-        priority=row[6], state=_STATES[row[7]], done=bool(row[8]), create_time_us=row[9],
-        update_time_us=row[10], end_time_us=row[11], input_file=row[12], request_count=row[13],
-        succeeded=row[14], failed=row[15], cancelled=row[16], expired=row[17], error=row[18],
-        output_file=row[19], webhook=row[20], ingested=bool(row[21]),
-        final_state=None if row[22] is None else _STATES[row[22]],
+        row[0], row[1], row[2], _KINDS[row[3]], row[4], row[5], row[6], _STATES[row[7]], bool(row[8]), row[9],
+        row[10], row[11], row[12], row[13], row[14], row[15], row[16], row[17], row[18], row[19], row[20],
+        bool(row[21]), None if row[22] is None else _STATES[row[22]],
     )
 
 
@@ -170,57 +277,72 @@ class SQLiteStore:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._writer: aiosqlite.Connection | None = None
+        # The writer connection is touched only on the _wpool thread.
+        self._wconn: sqlite3.Connection | None = None
+        self._wpool: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._quick: sqlite3.Connection | None = None
-        self._write_lock = asyncio.Lock()
 
     async def open(self) -> None:
         """Connect, set pragmas and run pending migrations."""
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await self._migrate(self._writer)
-        self._reader = await self._connect()
-        await self._reader.execute("PRAGMA query_only = ON")
-        # Point reads run on the event loop's thread: in WAL mode a reader
-        # never waits for the writer, and a ~10 µs query beats a ~100 µs
-        # hop to aiosqlite's thread on the GetOperation path.
-        self._quick = sqlite3.connect(self._path, isolation_level=None)
-        self._quick.execute("PRAGMA query_only = ON")
-        self._quick.execute("PRAGMA busy_timeout = 1000")
+        pool = self._wpool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longbatch-writer")
+        try:
+            self._wconn = await asyncio.wrap_future(pool.submit(self._open_writer))
+            await asyncio.wrap_future(pool.submit(self._migrate, self._wconn))
+            self._reader = await aiosqlite.connect(self._path, isolation_level=None)
+            for pragma in (*_PRAGMAS, "PRAGMA query_only = ON"):
+                await self._reader.execute(pragma)
+            # Point reads run on the event loop's thread: in WAL mode a reader
+            # never waits for the writer, and a ~10 µs query beats a ~100 µs
+            # hop to another thread on the GetOperation path.
+            self._quick = sqlite3.connect(self._path, isolation_level=None)
+            self._quick.execute("PRAGMA query_only = ON")
+            self._quick.execute("PRAGMA busy_timeout = 1000")
+        except BaseException:
+            await self.close()  # a schema too new must not leave the writer thread behind
+            raise
 
-    async def _connect(self) -> aiosqlite.Connection:
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
-        # the writer takes its lock up front instead of failing on upgrade.
-        conn = await aiosqlite.connect(self._path, isolation_level=None)
-        for pragma in (
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA synchronous = NORMAL",  # durable across process crashes in WAL mode
-            "PRAGMA busy_timeout = 10000",
-            "PRAGMA foreign_keys = ON",
-            "PRAGMA cache_size = -16000",
-        ):
-            await conn.execute(pragma)
+    def _open_writer(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE in
+        # _transaction), never opened behind our back by the sqlite3 module.
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
         return conn
 
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        async with conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        row = conn.execute("PRAGMA user_version").fetchone()
         version = int(row[0]) if row else 0
         if version > len(MIGRATIONS):
             raise RuntimeError(f"database schema v{version} is newer than this server (v{len(MIGRATIONS)})")
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            await conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+            try:
+                conn.executescript(f"BEGIN IMMEDIATE; {script}; PRAGMA user_version = {number}; COMMIT;")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     async def close(self) -> None:
         """Close the connections; safe to call twice."""
         if self._quick is not None:
             self._quick.close()
             self._quick = None
-        for conn in (self._reader, self._writer):
-            if conn is not None:
-                await conn.close()
-        self._reader = self._writer = None
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await reader.close()
+        conn, pool = self._wconn, self._wpool
+        self._wconn = self._wpool = None
+        if pool is not None:
+            try:
+                if conn is not None:
+                    # Queued behind every write already submitted (FIFO), so
+                    # those commit before the connection goes.
+                    await asyncio.wrap_future(pool.submit(conn.close))
+            finally:
+                pool.shutdown(wait=True)
 
     @property
     def _r(self) -> aiosqlite.Connection:
@@ -228,25 +350,19 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         return self._reader
 
-    @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[aiosqlite.Connection]:
-        if self._writer is None:
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run fn inside BEGIN IMMEDIATE … COMMIT on the writer thread: one hop per transaction."""
+        conn, pool = self._wconn, self._wpool
+        if conn is None or pool is None:
             raise RuntimeError("store is not open")
-        async with self._write_lock:
-            conn = self._writer
-            try:
-                # Inside the try: a task cancelled while awaiting BEGIN (expiry
-                # or cancel stopping an ingest) has still begun the transaction
-                # on aiosqlite's thread, and an open one would wedge the writer.
-                await conn.execute("BEGIN IMMEDIATE")
-                yield conn
-            except BaseException:
-                try:
-                    await conn.execute("ROLLBACK")
-                except sqlite3.OperationalError:
-                    pass  # BEGIN itself failed: nothing to roll back
-                raise
-            await conn.execute("COMMIT")
+        # Submitted before this coroutine first suspends, so transactions run
+        # in the order their callers reached this line. Once submitted, a job
+        # runs to its end even if the awaiting task is cancelled (expiry or
+        # cancel stopping an ingest): the shield keeps wrap_future from
+        # cancelling a job still queued, and a job already running cannot be
+        # stopped anyway. Either way the transaction commits or rolls back as
+        # a whole; nothing may count on a cancel aborting a write.
+        return await asyncio.shield(asyncio.wrap_future(pool.submit(_transaction, conn, fn)))
 
     def _quick_one(self, sql: str, params: Sequence[object]) -> Any:
         if self._quick is None:
@@ -258,24 +374,30 @@ class SQLiteStore:
             raise RuntimeError("store is not open")
         return self._quick.execute(sql, params).fetchall()
 
+    # Each read is one job on aiosqlite's thread (execute and fetch all),
+    # never a cursor held across awaits: a read transaction belongs to the
+    # connection, so a statement started while another coroutine's cursor
+    # was still open would share that cursor's older snapshot and miss
+    # commits made since (a batch created a moment ago read as having no
+    # requests, and never ran).
     async def _one(self, sql: str, params: Sequence[object]) -> Any:
-        async with self._r.execute(sql, params) as cur:
-            return await cur.fetchone()
+        rows = await self._r.execute_fetchall(sql, params)
+        return next(iter(rows), None)
 
     async def _all(self, sql: str, params: Sequence[object]) -> Iterable[Any]:
-        async with self._r.execute(sql, params) as cur:
-            return await cur.fetchall()
+        return await self._r.execute_fetchall(sql, params)
 
     # -- meta ---------------------------------------------------------------
 
     async def secret(self, name: str, size: int = 32) -> bytes:
         """A random secret stored under ``name``, made on first use."""
-        async with self._tx() as conn:
-            await conn.execute(
-                "INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, secrets.token_bytes(size))
-            )
-            async with conn.execute("SELECT value FROM meta WHERE name = ?", (name,)) as cur:
-                row = await cur.fetchone()
+        value = secrets.token_bytes(size)
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)", (name, value))
+            return conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+
+        row = await self._write(tx)
         assert row is not None
         return bytes(row[0])
 
@@ -286,19 +408,19 @@ class SQLiteStore:
     ) -> tuple[Batch, bool]:
         """Insert a batch and its requests in one transaction (see Store)."""
         now = now_us()
-        async with self._tx() as conn:
+
+        def tx(conn: sqlite3.Connection) -> tuple[Batch, bool]:
             if batch.request_id:
-                async with conn.execute(
+                row = conn.execute(
                     f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND request_id = ?",
                     (batch.tenant, batch.request_id),
-                ) as cur:
-                    row = await cur.fetchone()
+                ).fetchone()
                 if row is not None:
                     earlier = _batch(row)
                     if earlier.create_time_us > now - request_id_ttl_us:
                         return earlier, False
-                    await conn.execute("UPDATE batches SET request_id = NULL WHERE seq = ?", (earlier.seq,))
-            cur = await conn.execute(
+                    conn.execute("UPDATE batches SET request_id = NULL WHERE seq = ?", (earlier.seq,))
+            cur = conn.execute(
                 "INSERT INTO batches (id, tenant, kind, model, display_name, priority, state, create_time, "
                 "update_time, input_file, webhook, request_id, ingested) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -312,23 +434,15 @@ class SQLiteStore:
             for item in items:
                 chunk.append((seq, item.idx, item.key, item.metadata, item.payload))
                 if len(chunk) >= _INSERT_CHUNK:
-                    count += await self._insert_items(conn, chunk)
-            count += await self._insert_items(conn, chunk)
-            await conn.execute("UPDATE batches SET request_count = ? WHERE seq = ?", (count, seq))
-            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)) as cur2:
-                row = await cur2.fetchone()
-        assert row is not None
-        return _batch(row), True
+                    count += _execute_rows(conn, _INSERT_REQUESTS, chunk)
+                    chunk.clear()
+            count += _execute_rows(conn, _INSERT_REQUESTS, chunk)
+            conn.execute("UPDATE batches SET request_count = ? WHERE seq = ?", (count, seq))
+            row = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)).fetchone()
+            assert row is not None
+            return _batch(row), True
 
-    @staticmethod
-    async def _insert_items(conn: aiosqlite.Connection, chunk: list[tuple[object, ...]]) -> int:
-        n = len(chunk)
-        if n:
-            await conn.executemany(
-                "INSERT INTO requests (batch_seq, idx, key, metadata, payload) VALUES (?, ?, ?, ?, ?)", chunk
-            )
-            chunk.clear()
-        return n
+        return await self._write(tx)
 
     async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
         """The batch, scoped to ``tenant`` unless it is None."""
@@ -352,71 +466,82 @@ class SQLiteStore:
         self, tenant: str, batch_id: str, *, display_name: str | None, priority: int | None
     ) -> Batch | None:
         """Apply the given changes (see Store)."""
-        async with self._tx() as conn:
+
+        def tx(conn: sqlite3.Connection) -> Any:
             if display_name is not None:
-                await conn.execute(
+                conn.execute(
                     "UPDATE batches SET display_name = ?, update_time = ? WHERE id = ? AND tenant = ?",
                     (display_name, now_us(), batch_id, tenant),
                 )
             if priority is not None:
-                await conn.execute(
+                conn.execute(
                     "UPDATE batches SET priority = ?, update_time = ? WHERE id = ? AND tenant = ? AND done = 0",
                     (priority, now_us(), batch_id, tenant),
                 )
-            async with conn.execute(
+            return conn.execute(
                 f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
+
+        row = await self._write(tx)
         return _batch(row) if row else None
 
     async def delete_batch(self, tenant: str, batch_id: str) -> list[str] | None:
         """Delete a done batch and its requests (see Store)."""
-        async with self._tx() as conn:
-            async with conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> list[str] | None:
+            row = conn.execute(
                 "SELECT seq, done, output_file FROM batches WHERE id = ? AND tenant = ?", (batch_id, tenant)
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
             if row is None:
                 return None
             seq, done, output_file = row
             if not done:
                 raise StoreConflict("batch is not done")
-            await conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,))
-            await conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,))
+            conn.execute("DELETE FROM results WHERE batch_seq = ?", (seq,))
+            conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
             if output_file:
-                await conn.execute("DELETE FROM files WHERE id = ?", (output_file,))
-        return [output_file] if output_file else []
+                conn.execute("DELETE FROM files WHERE id = ?", (output_file,))
+            return [output_file] if output_file else []
+
+        return await self._write(tx)
 
     async def append_items(self, batch_id: str, items: Sequence[NewItem]) -> None:
         """Add requests read from a batch's input file, in one transaction."""
-        async with self._tx() as conn:
-            async with conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)) as cur:
-                row = await cur.fetchone()
+
+        def tx(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if row is None:
                 return
-            await conn.executemany(
-                "INSERT INTO requests (batch_seq, idx, key, metadata, payload) VALUES (?, ?, ?, ?, ?)",
-                [(row[0], i.idx, i.key, i.metadata, i.payload) for i in items],
-            )
+            seq = row[0]
+            _execute_rows(conn, _INSERT_REQUESTS, [(seq, i.idx, i.key, i.metadata, i.payload) for i in items])
+
+        await self._write(tx)
 
     async def finish_ingest(self, batch_id: str, request_count: int) -> Batch | None:
         """Mark a batch's requests complete; it may run from now on."""
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(
                 "UPDATE batches SET ingested = 1, request_count = ?, update_time = ? WHERE id = ? AND done = 0",
                 (request_count, now_us(), batch_id),
             )
-            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
-                row = await cur.fetchone()
+            return conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+
+        row = await self._write(tx)
         return _batch(row) if row else None
 
     async def reset_ingest(self, batch_id: str) -> None:
         """Drop the requests of a batch whose ingest did not complete."""
-        async with self._tx() as conn:
-            await conn.execute(
-                "DELETE FROM requests WHERE batch_seq = (SELECT seq FROM batches WHERE id = ? AND ingested = 0)",
-                (batch_id,),
-            )
+
+        def tx(conn: sqlite3.Connection) -> None:
+            for table in ("requests", "results"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE batch_seq = (SELECT seq FROM batches WHERE id = ? AND ingested = 0)",
+                    (batch_id,),
+                )
+
+        await self._write(tx)
 
     async def unfinished_batches(self) -> list[Batch]:
         """Batches not done, oldest first."""
@@ -425,58 +550,61 @@ class SQLiteStore:
 
     async def mark_running(self, batch_id: str) -> None:
         """PENDING → RUNNING."""
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE batches SET state = ?, update_time = ? WHERE id = ? AND state = ?",
                 (int(State.RUNNING), now_us(), batch_id, int(State.PENDING)),
             )
+
+        await self._write(tx)
 
     async def pending_items(self, batch_id: str, from_idx: int, limit: int) -> list[PendingItem]:
         """Next PENDING requests by idx."""
         rows = await self._all(
             "SELECT r.idx, r.payload FROM requests r JOIN batches b ON b.seq = r.batch_seq "
-            "WHERE b.id = ? AND r.idx >= ? AND r.status = 0 ORDER BY r.idx LIMIT ?",
+            "WHERE b.id = ? AND r.idx >= ? AND NOT EXISTS "
+            "(SELECT 1 FROM results x WHERE x.batch_seq = r.batch_seq AND x.idx = r.idx) ORDER BY r.idx LIMIT ?",
             (batch_id, from_idx, limit),
         )
-        return [PendingItem(idx=r[0], payload=r[1]) for r in rows]
+        return [PendingItem(*r) for r in rows]
 
     async def record_outcomes(self, outcomes: Sequence[Outcome]) -> dict[str, Batch]:
         """Persist results and counters in one transaction (see Store)."""
         if not outcomes:
             return {}
+        return await self._write(functools.partial(self._record_outcomes_tx, outcomes))
+
+    @staticmethod
+    def _record_outcomes_tx(outcomes: Sequence[Outcome], conn: sqlite3.Connection) -> dict[str, Batch]:
         touched: dict[str, Batch] = {}
-        async with self._tx() as conn:
-            by_batch: dict[str, list[Outcome]] = {}
-            for o in outcomes:
-                by_batch.setdefault(o.batch_id, []).append(o)
-            now = now_us()
-            for batch_id, items in by_batch.items():
-                async with conn.execute(
-                    "SELECT seq FROM batches WHERE id = ? AND final_state IS NULL AND done = 0", (batch_id,)
-                ) as cur:
-                    row = await cur.fetchone()
-                if row is None:
-                    continue  # a closed batch takes no more results
-                seq = row[0]
-                # Only requests still PENDING take a result; count what changed
-                # by status so a result delivered twice never counts twice.
-                counts: Counter[ItemStatus] = Counter()
-                for status in {o.status for o in items}:
-                    group = [(o.result, seq, o.idx) for o in items if o.status is status]
-                    before = conn.total_changes
-                    await conn.executemany(
-                        f"UPDATE requests SET status = {int(status)}, result = ? "
-                        "WHERE batch_seq = ? AND idx = ? AND status = 0",
-                        group,
-                    )
-                    counts[status] += conn.total_changes - before
-                sets = ", ".join(f"{_OUTCOME_COLUMN[s]} = {_OUTCOME_COLUMN[s]} + {n}" for s, n in counts.items() if n)
-                if sets:
-                    await conn.execute(f"UPDATE batches SET {sets}, update_time = ? WHERE seq = ?", (now, seq))
-                async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)) as cur:
-                    updated = await cur.fetchone()
-                if updated is not None:
-                    touched[batch_id] = _batch(updated)
+        by_batch: dict[str, list[Outcome]] = {}
+        for o in outcomes:
+            by_batch.setdefault(o.batch_id, []).append(o)
+        now = now_us()
+        for batch_id, items in by_batch.items():
+            row = conn.execute(
+                "SELECT seq FROM batches WHERE id = ? AND final_state IS NULL AND done = 0", (batch_id,)
+            ).fetchone()
+            if row is None:
+                continue  # a closed batch takes no more results
+            seq = row[0]
+            # Only requests still PENDING take a result (the first one wins);
+            # count what changed by status so a result delivered twice never
+            # counts twice.
+            counts: Counter[ItemStatus] = Counter()
+            for status in {o.status for o in items}:
+                counts[status] += _execute_rows(
+                    conn,
+                    "INSERT OR IGNORE INTO results (batch_seq, idx, status, result) VALUES {values}",
+                    [(seq, o.idx, int(status), o.result) for o in items if o.status is status],
+                )
+            sets = ", ".join(f"{_OUTCOME_COLUMN[s]} = {_OUTCOME_COLUMN[s]} + {n}" for s, n in counts.items() if n)
+            if sets:
+                conn.execute(f"UPDATE batches SET {sets}, update_time = ? WHERE seq = ?", (now, seq))
+            updated = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)).fetchone()
+            if updated is not None:
+                touched[batch_id] = _batch(updated)
         return touched
 
     async def close_batch(self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus) -> Batch | None:
@@ -486,27 +614,31 @@ class SQLiteStore:
         rows to ``rest``), so closing a batch of a million costs one update.
         """
         column = _OUTCOME_COLUMN[rest]
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(
                 f"UPDATE batches SET final_state = ?, error = ?, {column} = request_count - succeeded - failed, "
                 "update_time = ? WHERE id = ? AND final_state IS NULL AND done = 0",
                 (int(state), error, now_us(), batch_id),
             )
-            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
-                updated = await cur.fetchone()
+            return conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+
+        updated = await self._write(tx)
         return _batch(updated) if updated else None
 
     async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
         """Set done, end_time and the output file (see Store)."""
         now = now_us()
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            conn.execute(
                 "UPDATE batches SET done = 1, state = COALESCE(final_state, state), end_time = ?, update_time = ?, "
                 "output_file = ? WHERE id = ? AND done = 0",
                 (now, now, output_file, batch_id),
             )
-            async with conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)) as cur:
-                row = await cur.fetchone()
+            return conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,)).fetchone()
+
+        row = await self._write(tx)
         return _batch(row) if row else None
 
     async def results(self, batch_id: str, start_idx: int, limit: int, *, to_first_pending: bool = True
@@ -514,24 +646,29 @@ class SQLiteStore:
         """Requests from ``start_idx`` in order, up to the first PENDING one
         unless ``to_first_pending`` is False (then PENDING rows come too)."""
         rows = await self._all(
-            "SELECT r.idx, r.key, r.metadata, r.status, r.result FROM requests r "
-            "JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ? AND r.idx >= ? ORDER BY r.idx LIMIT ?",
+            f"{_RESULT_ROWS} JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ? AND r.idx >= ? "
+            "ORDER BY r.idx LIMIT ?",
             (batch_id, start_idx, limit),
         )
         out = []
         for r in rows:
             if r[3] == ItemStatus.PENDING and to_first_pending:
                 break
-            out.append(ResultRow(idx=r[0], key=r[1], metadata=r[2], status=ItemStatus(r[3]), result=r[4] or b""))
+            out.append(ResultRow(r[0], r[1], r[2], _STATUS[r[3]], r[4] or b""))
         return out
+
+    def result_reader(self, batch: Batch) -> ResultReader:
+        """See Store: rows of ``batch`` read by ``read_result_rows``."""
+        return functools.partial(read_result_rows, str(self._path), batch.seq)
 
     async def output_size(self, batch_id: str) -> int:
         """Total bytes of results and metadata."""
         row = await self._one(
             # An unfinished request of a closed batch reads as a ~64-byte status.
-            "SELECT COALESCE(SUM(COALESCE(LENGTH(r.result), 64)), 0) + COALESCE(SUM(LENGTH(r.metadata)), 0) "
+            "SELECT COALESCE(SUM(COALESCE(LENGTH(x.result), 64)), 0) + COALESCE(SUM(LENGTH(r.metadata)), 0) "
             "+ COUNT(*) * 16 "
-            "FROM requests r JOIN batches b ON b.seq = r.batch_seq WHERE b.id = ?",
+            "FROM requests r JOIN batches b ON b.seq = r.batch_seq "
+            "LEFT JOIN results x ON x.batch_seq = r.batch_seq AND x.idx = r.idx WHERE b.id = ?",
             (batch_id,),
         )
         return int(row[0]) if row else 0
@@ -545,23 +682,22 @@ class SQLiteStore:
 
     async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
         """Delete old done batches in one bounded transaction (see Store)."""
-        batch_ids: list[str] = []
-        file_ids: list[str] = []
-        budget = max_requests
-        async with self._tx() as conn:
-            async with conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> Purged:
+            batch_ids: list[str] = []
+            file_ids: list[str] = []
+            budget = max_requests
+            rows = conn.execute(
                 "SELECT seq, id, output_file FROM batches WHERE done = 1 AND end_time < ? ORDER BY end_time LIMIT ?",
                 (ended_before_us, max_batches),
-            ) as cur:
-                rows = list(await cur.fetchall())
+            ).fetchall()
             more = len(rows) == max_batches
             for seq, batch_id, output_file in rows:
                 # The idx before the last `budget` requests: None when the
                 # rest of the batch fits in this step.
-                async with conn.execute(
+                cut = conn.execute(
                     "SELECT idx FROM requests WHERE batch_seq = ? ORDER BY idx DESC LIMIT 1 OFFSET ?", (seq, budget)
-                ) as cur:
-                    cut = await cur.fetchone()
+                ).fetchone()
                 if cut is not None:
                     more = True
                     if not batch_ids:
@@ -569,31 +705,36 @@ class SQLiteStore:
                         # the row stays until the final step, so a reader
                         # sees a shorter tail, never a gap, and its seq cannot
                         # be reused (requests are keyed by it) meanwhile.
-                        await conn.execute("DELETE FROM requests WHERE batch_seq = ? AND idx > ?", (seq, cut[0]))
+                        conn.execute("DELETE FROM requests WHERE batch_seq = ? AND idx > ?", (seq, cut[0]))
+                        conn.execute("DELETE FROM results WHERE batch_seq = ? AND idx > ?", (seq, cut[0]))
                     break
-                before = conn.total_changes
-                await conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,))
-                budget -= conn.total_changes - before
-                await conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+                budget -= conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,)).rowcount
+                conn.execute("DELETE FROM results WHERE batch_seq = ?", (seq,))
+                conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
                 if output_file:
                     # Only generated files are outputs; inputs follow file_ttl.
-                    gone = await conn.execute("DELETE FROM files WHERE id = ? AND source = 'generated'", (output_file,))
+                    gone = conn.execute("DELETE FROM files WHERE id = ? AND source = 'generated'", (output_file,))
                     if gone.rowcount > 0:
                         file_ids.append(output_file)
                 batch_ids.append(batch_id)
-        return Purged(batch_ids, file_ids, more)
+            return Purged(batch_ids, file_ids, more)
+
+        return await self._write(tx)
 
     # -- files --------------------------------------------------------------
 
     async def add_file(self, file: StoredFile) -> None:
         """Insert a file row (its seq is assigned here)."""
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "INSERT INTO files (id, tenant, display_name, mime_type, size_bytes, sha256, create_time, "
                 "expire_time, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (file.id, file.tenant, file.display_name, file.mime_type, file.size_bytes, file.sha256,
                  file.create_time_us, file.expire_time_us, file.source),
             )
+
+        await self._write(tx)
 
     async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
         """The file, scoped to ``tenant`` unless it is None."""
@@ -612,14 +753,15 @@ class SQLiteStore:
 
     async def delete_file(self, tenant: str, file_id: str) -> bool:
         """Delete a file row unless a batch that is not done reads it."""
-        async with self._tx() as conn:
-            async with conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            if conn.execute(
                 "SELECT 1 FROM batches WHERE input_file = ? AND done = 0 LIMIT 1", (file_id,)
-            ) as cur:
-                if await cur.fetchone() is not None:
-                    raise StoreConflict("a batch that is not done reads this file")
-            cur2 = await conn.execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant))
-            return cur2.rowcount > 0
+            ).fetchone() is not None:
+                raise StoreConflict("a batch that is not done reads this file")
+            return conn.execute("DELETE FROM files WHERE id = ? AND tenant = ?", (file_id, tenant)).rowcount > 0
+
+        return await self._write(tx)
 
     async def expired_files(self, now_us: int, limit: int = 1000) -> list[StoredFile]:
         """Expired files that no unfinished batch reads (see Store)."""
@@ -639,15 +781,19 @@ class SQLiteStore:
         if not deliveries:
             return 0
         now = now_us()
-        async with self._tx() as conn:
+        rows = [(d.id, d.batch_id, d.uri, d.body, DeliveryStatus.PENDING.value, d.attempts, d.next_attempt_us,
+                 now, now) for d in deliveries]
+
+        def tx(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
-            await conn.executemany(
+            conn.executemany(
                 "INSERT OR IGNORE INTO webhook_deliveries (id, batch_id, uri, body, status, attempts, "
                 "next_attempt_time, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(d.id, d.batch_id, d.uri, d.body, DeliveryStatus.PENDING.value, d.attempts, d.next_attempt_us,
-                  now, now) for d in deliveries],
+                rows,
             )
             return conn.total_changes - before
+
+        return await self._write(tx)
 
     async def batches_missing_webhooks(self) -> list[Batch]:
         """Done batches with a webhook config and no delivery rows."""
@@ -680,9 +826,12 @@ class SQLiteStore:
         self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
     ) -> None:
         """Store an attempt's outcome."""
-        async with self._tx() as conn:
-            await conn.execute(
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE webhook_deliveries SET attempts = ?, status = ?, next_attempt_time = ?, last_error = ?, "
                 "update_time = ? WHERE id = ?",
                 (attempts, status.value, next_attempt_us, error, now_us(), delivery_id),
             )
+
+        await self._write(tx)

@@ -9,11 +9,16 @@ methods take bare ids because they act for the server itself.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from .domain import Batch, ItemStatus, NewBatch, NewItem, Outcome, PendingItem, ResultRow, State, StoredFile
+
+RawResult = tuple[int, str, bytes | None, int, bytes | None]
+"""A stored request as a worker process reads it: idx, key, metadata,
+ItemStatus value, result (None while PENDING)."""
+ResultReader = Callable[[int, int], list[RawResult]]
 
 
 class Store(Protocol):
@@ -108,6 +113,11 @@ class Store(Protocol):
                       ) -> list[ResultRow]:
         """Requests with ``idx >= start_idx`` in idx order, stopping at the
         first unfinished one unless ``to_first_pending`` is False."""
+
+    def result_reader(self, batch: Batch) -> ResultReader | None:
+        """A picklable function that reads ``batch``'s rows with
+        ``lo <= idx < hi`` from any process, for rendering outputs in worker
+        processes; None when the store cannot be read from elsewhere."""
 
     async def output_size(self, batch_id: str) -> int:
         """Bytes of all results and metadata of a batch (to size its output)."""

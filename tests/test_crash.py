@@ -53,7 +53,7 @@ async def test_sigkill_mid_batch_then_restart_finishes_exactly_once(tmp_path: Pa
     db = sqlite3.connect(data / "longbatch.db")
     try:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT idx) FROM requests WHERE status = 1").fetchone() == (
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT idx) FROM results WHERE status = 1").fetchone() == (
             3000, 3000)
     finally:
         db.close()

@@ -180,6 +180,7 @@ async def test_file_batch_expires_while_its_input_is_read(make_server: MakeServe
         db = sqlite3.connect(srv.data_dir / "longbatch.db")
         try:
             assert db.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
+            assert db.execute("SELECT COUNT(*) FROM results").fetchone() == (0,)
         finally:
             db.close()
         # Nothing is stuck: the input can go, and the next batch runs.
@@ -211,7 +212,7 @@ async def test_batch_past_its_ttl_while_down_expires_on_start(tmp_path: Path) ->
         assert time.monotonic() - created < 2.0, "too slow to kill before the TTL"
         db = sqlite3.connect(data / "longbatch.db")
         try:
-            persisted = db.execute("SELECT COUNT(*) FROM requests WHERE status = 1").fetchone()[0]
+            persisted = db.execute("SELECT COUNT(*) FROM results WHERE status = 1").fetchone()[0]
         finally:
             db.close()
         assert persisted > 0

@@ -17,7 +17,7 @@ from google.rpc import code_pb2
 
 from longbatch.v1 import content_pb2
 
-from ..wire import length_delimited, varint_field
+from ..wire import length_delimited, varint, varint_field
 from .base import BackendError
 
 DEFAULT_DIMENSION = 768
@@ -37,6 +37,9 @@ class EchoBackend:
         """Answer with the last turn's text, cut to max_output_tokens words."""
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
+        return self._answer(request)
+
+    def _answer(self, request: content_pb2.GenerateContentRequest) -> content_pb2.GenerateContentResponse:
         if not request.contents:
             raise BackendError(code_pb2.INVALID_ARGUMENT, "request has no contents")
         prompt = " ".join([p.text for p in request.contents[-1].parts if p.HasField("text")])
@@ -70,26 +73,36 @@ class EchoBackend:
             model_version=self._version,
         )
 
-    async def generate_raw(self, payload: bytes) -> bytes:
-        """``generate`` on serialized messages, built on the wire directly.
+    def _answer_raw(self, payload: bytes) -> bytes:
+        """``_answer`` on serialized messages, built on the wire directly.
 
-        Equal byte for byte to ``generate(...).SerializeToString()`` for the
-        common case (one candidate, no max_output_tokens); other requests take
-        the message path. Echo stands in for a model in benchmarks, so its own
-        cost should not hide the service's.
+        Equal byte for byte to ``_answer(...).SerializeToString()``; requests
+        with a generation config or several turns take the message path. Echo
+        stands in for a model in benchmarks, so its own cost (~5 µs here
+        against ~20 µs through messages) should not hide the service's.
         """
-        request = content_pb2.GenerateContentRequest.FromString(payload)
+        request = _parse_request(payload)
         if request.HasField("generation_config") or len(request.contents) != 1:
-            return (await self.generate(request)).SerializeToString()
+            return self._answer(request).SerializeToString()
+        parts = request.contents[0].parts
+        if len(parts) == 1 and parts[0].HasField("text"):
+            prompt = parts[0].text
+        else:
+            prompt = " ".join([p.text for p in parts if p.HasField("text")])
+        tokens = len(prompt.split())
+        # Candidate{content{parts[{text}], role: "model"}, finish_reason: STOP}
+        candidate = _field(b"\x0a", _field(b"\x0a", _field(b"\x0a", _field(b"\x12", prompt.encode())) + _MODEL_ROLE)
+                           + _FINISH_STOP)
+        if not tokens:
+            return candidate + _EMPTY_USAGE + self._version_field
+        usage = b"\x08" + varint(tokens) + b"\x10" + varint(tokens) + b"\x18" + varint(2 * tokens)
+        return candidate + _field(b"\x12", usage) + self._version_field
+
+    async def generate_raw(self, payload: bytes) -> bytes:
+        """``generate`` on serialized messages (see ``_answer_raw``)."""
         if self._latency_s:
             await asyncio.sleep(self._latency_s)
-        prompt = " ".join([p.text for p in request.contents[0].parts if p.HasField("text")])
-        tokens = len(prompt.split())
-        text = prompt.encode()
-        content = length_delimited(1, length_delimited(2, text)) + _MODEL_ROLE
-        candidate = length_delimited(1, content) + _FINISH_STOP
-        usage = b"".join(varint_field(n, v) for n, v in ((1, tokens), (2, tokens), (3, 2 * tokens)) if v)
-        return length_delimited(1, candidate) + length_delimited(2, usage) + self._version_field
+        return self._answer_raw(payload)
 
     @property
     def bulk(self) -> bool:
@@ -97,8 +110,13 @@ class EchoBackend:
         return not self._latency_s
 
     async def generate_raw_many(self, payloads: list[bytes]) -> list[bytes]:
-        """``generate_raw`` for each payload, in order."""
-        return [await self.generate_raw(p) for p in payloads]
+        """``generate_raw`` for each payload, in order.
+
+        Answered here on the loop: in a worker process (tried) the hop and
+        the third busy process cost more than the ~5 µs per answer saved.
+        """
+        answer = self._answer_raw
+        return [answer(p) for p in payloads]
 
     async def embed(self, request: content_pb2.EmbedContentRequest) -> content_pb2.EmbedContentResponse:
         """A unit vector that depends only on the text, title and task type."""
@@ -118,8 +136,17 @@ class EchoBackend:
         """Nothing to release."""
 
 
+_parse_request = content_pb2.GenerateContentRequest.FromString
 _MODEL_ROLE = length_delimited(2, b"model")
 _FINISH_STOP = varint_field(2, _FINISH.FINISH_REASON_STOP)
+_EMPTY_USAGE = length_delimited(2, b"")
+_ONE_BYTE = [bytes([n]) for n in range(128)]
+
+
+def _field(tag: bytes, data: bytes) -> bytes:
+    """A length-delimited field whose tag byte is already encoded."""
+    n = len(data)
+    return tag + (_ONE_BYTE[n] if n < 128 else varint(n)) + data
 
 
 def hash_vector(seed: bytes, dim: int) -> list[float]:

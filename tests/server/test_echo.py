@@ -11,17 +11,25 @@ from longbatch.server.backends.echo import EchoBackend
 from longbatch.v1 import content_pb2 as c
 
 
-def _request(texts: list[str], role: str) -> c.GenerateContentRequest:
-    return c.GenerateContentRequest(contents=[c.Content(role=role, parts=[c.Part(text=t) for t in texts])])
+def _request(texts: list[str | None], role: str) -> c.GenerateContentRequest:
+    # None stands for a part without text (inline data).
+    parts = [c.Part(text=t) if t is not None else c.Part(inline_data=c.Blob(mime_type="image/png", data=b"\x89"))
+             for t in texts]
+    return c.GenerateContentRequest(contents=[c.Content(role=role, parts=parts)])
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(max_size=30), min_size=1, max_size=4), st.sampled_from(["", "user"]))
-async def test_raw_path_is_byte_identical(texts: list[str], role: str) -> None:
+# Sizes around 127/128 bytes cross the one-byte length boundary of the wire format.
+_TEXTS = st.one_of(st.none(), st.text(max_size=30), st.text(min_size=100, max_size=300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_TEXTS, min_size=1, max_size=4), st.sampled_from(["", "user"]))
+async def test_raw_path_is_byte_identical(texts: list[str | None], role: str) -> None:
     echo = EchoBackend()
     req = _request(texts, role)
-    raw = await echo.generate_raw(req.SerializeToString())
-    assert raw == (await echo.generate(req)).SerializeToString()
+    expected = (await echo.generate(req)).SerializeToString()
+    assert await echo.generate_raw(req.SerializeToString()) == expected
+    assert await echo.generate_raw_many([req.SerializeToString()] * 2) == [expected, expected]
 
 
 async def test_generate_echoes_the_last_turn_and_counts_tokens() -> None:

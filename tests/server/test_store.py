@@ -7,13 +7,14 @@ Run against SQLiteStore today; a second store (PostgreSQL) gets added to the
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State
-from longbatch.server.sqlite_store import SQLiteStore
+from longbatch.server.sqlite_store import MIGRATIONS, SQLiteStore
 from longbatch.server.store import Store, StoreConflict
 
 DAY_US = 86_400_000_000
@@ -90,6 +91,28 @@ async def test_close_keeps_results_counts_the_rest_and_ignores_late_results(stor
     assert done is not None and done.done and done.end_time_us is not None and done.state is State.CANCELLED
 
 
+async def test_large_writes_count_every_row_once(store: Store) -> None:
+    # Sizes around the store's statement chunking, several statuses at once,
+    # and results delivered twice in the same call.
+    statuses = [ItemStatus.SUCCEEDED, ItemStatus.FAILED, ItemStatus.CANCELLED]
+    for n in (1, 511, 512, 513, 2001):
+        batch, _ = await store.create_batch(new_batch(f"h{n}"), iter(items(n)), DAY_US)
+        assert batch.request_count == n
+        await store.append_items(f"h{n}", [NewItem(idx=n + i, key="", metadata=b"m", payload=b"q") for i in range(n)])
+        outcomes = [Outcome(f"h{n}", i, statuses[i % 3], b"r%d" % i) for i in range(0, 2 * n, 2)]
+        touched = await store.record_outcomes(outcomes + outcomes[: len(outcomes) // 2])
+        expected = [sum(1 for o in outcomes if o.status is s) for s in statuses]
+        got = touched[f"h{n}"]
+        assert [got.succeeded, got.failed, got.cancelled] == expected
+        again = await store.record_outcomes(outcomes)
+        assert [again[f"h{n}"].succeeded, again[f"h{n}"].failed, again[f"h{n}"].cancelled] == expected
+        rows = await store.results(f"h{n}", 0, 10 * n, to_first_pending=False)
+        assert [r.idx for r in rows] == list(range(2 * n))
+        assert all(r.result == b"r%d" % r.idx and r.status is statuses[r.idx % 3] for r in rows[::2])
+        assert all(r.status is ItemStatus.PENDING for r in rows[1::2])
+        assert all(r.metadata == b"m" for r in rows[n:])
+
+
 async def test_delete_only_when_done(store: Store) -> None:
     await store.create_batch(new_batch("e1"), items(1), DAY_US)
     with pytest.raises(StoreConflict):
@@ -137,3 +160,33 @@ async def test_writes_survive_cancelled_callers(store: Store) -> None:
     await store.record_outcomes([Outcome("g1", 199, ItemStatus.SUCCEEDED, b"r")])
     created, _ = await store.create_batch(new_batch("g2"), items(1), DAY_US)
     assert created.id == "g2"
+
+
+async def test_v5_database_keeps_its_results_through_the_v6_migration(tmp_path: Path) -> None:
+    """Schema v6 moved results out of the requests table; a database written
+    by v5 must come through with every result and every pending request."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path, isolation_level=None)
+    for number, script in enumerate(MIGRATIONS[:5], start=1):
+        db.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    db.execute(
+        "INSERT INTO batches (seq, id, tenant, kind, model, display_name, priority, state, create_time, update_time, "
+        "request_count, succeeded, failed) VALUES (1, 'old', 't', 'generate', 'models/echo', '', 0, 2, 1, 1, 3, 1, 1)"
+    )
+    db.executemany(
+        "INSERT INTO requests (batch_seq, idx, key, payload, status, result) VALUES (1, ?, ?, x'00', ?, ?)",
+        [(0, "a", 1, b"ok"), (1, "b", 2, b"bad"), (2, "c", 0, None)],
+    )
+    db.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        rows = await store.results("old", 0, 10, to_first_pending=False)
+        assert [(r.key, r.status, r.result) for r in rows] == [
+            ("a", ItemStatus.SUCCEEDED, b"ok"), ("b", ItemStatus.FAILED, b"bad"), ("c", ItemStatus.PENDING, b"")]
+        assert [p.idx for p in await store.pending_items("old", 0, 10)] == [2]
+        # The migrated batch still takes its last result, once.
+        touched = await store.record_outcomes([Outcome("old", 2, ItemStatus.SUCCEEDED, b"late")] * 2)
+        assert touched["old"].succeeded == 2 and touched["old"].pending == 0
+    finally:
+        await store.close()

@@ -1,0 +1,74 @@
+"""Worker processes for CPU-bound work, shared by the whole server.
+
+Parsing input files, rendering results files and answering for the built-in
+echo model are pure CPU work; on the event loop they would hold the GIL
+against every RPC and use one core. They run here instead, in processes
+started on first use.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor
+
+
+def _exit_with_parent() -> None:
+    """Pool initializer: end this worker when the server process dies.
+
+    A SIGKILLed server runs no shutdown code, and orphaned workers would
+    live on holding its stdout open.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+class WorkerPool:
+    """A lazily started process pool; ``workers=0`` means none (callers then
+    run the work in-process)."""
+
+    def __init__(self, workers: int = 2) -> None:
+        self._workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._warmed = False
+
+    @property
+    def workers(self) -> int:
+        """The configured number of processes."""
+        return self._workers
+
+    def get(self) -> Executor | None:
+        """The pool, or None when configured with no workers."""
+        if self._workers <= 0:
+            return None
+        if self._pool is None:
+            # spawn: forking a process that runs gRPC threads is unsafe.
+            self._pool = ProcessPoolExecutor(
+                self._workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent
+            )
+        return self._pool
+
+    def warm(self) -> None:
+        """Start the workers now (about half a second each) so that the next
+        large job does not wait for them."""
+        pool = self.get()
+        if pool is not None and not self._warmed:
+            self._warmed = True
+            for _ in range(self._workers):
+                pool.submit(int)  # a no-op task makes the pool start a worker
+
+    def close(self) -> None:
+        """Stop the workers; safe to call twice."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+            self._warmed = False
