@@ -113,7 +113,8 @@ def struct(data: bytes) -> dict[str, Any]:
     A Struct is a map, whose order is the runtime's: it differs between
     processes, and a responses file must not depend on which one wrote it.
     """
-    return _sorted_keys(json_format.MessageToDict(struct_pb2.Struct.FromString(data)))
+    value: dict[str, Any] = _sorted_keys(json_format.MessageToDict(struct_pb2.Struct.FromString(data)))
+    return value
 
 
 def _sorted_keys(value: Any) -> Any:
