@@ -60,6 +60,11 @@ async def serve(args: argparse.Namespace) -> int:
     # Printed only once signals are handled: a supervisor may stop us as soon
     # as it reads this line.
     print(f"longbatch listening on {args.host}:{running.port}", flush=True)
+    if running.workers is not None:
+        # A long-running server starts its worker processes now (about a
+        # second of their CPU, in the background) rather than making the
+        # first file batch wait for them.
+        running.workers.warm()
     await stop.wait()
     log.info("shutting down")
     await running.stop()
