@@ -74,7 +74,7 @@ class Running:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.executor.stop(grace)
-        if self.workers is not None:  # after the executor, whose backends may use them
+        if self.workers is not None:  # after the executor: batches it finishes write their outputs there
             await asyncio.to_thread(self.workers.close)
         if self.webhooks is not None:  # after the executor: its last batches still enqueue
             await self.webhooks.stop(grace)

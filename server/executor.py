@@ -70,8 +70,8 @@ class ModelRuntime:
     chunk: int = field(init=False)
     """Requests a worker takes at a time: 1, or for a bulk backend a quarter
     of the concurrency (at most _BULK_MAX). A commit's fixed cost is shared
-    by many results, and with four workers two chunks are being answered
-    while the other two commit."""
+    by many results, and while one chunk commits on the store's writer
+    thread the other workers answer theirs."""
 
     def __post_init__(self) -> None:
         raw = self.backend.generate_raw if isinstance(self.backend, RawGenerate) else None

@@ -208,11 +208,9 @@ def _values_sql(template: str, width: int, rows: int) -> str:
     return template.format(values=", ".join([row] * rows))
 
 
-def _execute_rows(conn: sqlite3.Connection, template: str, rows: Sequence[tuple[object, ...]],
-                  *tail: object) -> int:
+def _execute_rows(conn: sqlite3.Connection, template: str, rows: Sequence[tuple[object, ...]]) -> int:
     """Run ``template`` over ``rows`` with its ``{values}`` replaced by a
-    multi-row VALUES list (``tail`` binds the placeholders after it); the
-    number of rows changed.
+    multi-row VALUES list; the number of rows changed.
 
     Not executemany: the sqlite3 module releases the GIL around every step,
     and each time this thread takes it back from a busy event loop it may
@@ -229,7 +227,7 @@ def _execute_rows(conn: sqlite3.Connection, template: str, rows: Sequence[tuple[
         left = n - start
         size = _VALUES_MAX if left >= _VALUES_MAX else 1 << (left.bit_length() - 1)
         part = rows[start:start + size]
-        conn.execute(_values_sql(template, width, size), [*[x for r in part for x in r], *tail])
+        conn.execute(_values_sql(template, width, size), [x for r in part for x in r])
         start += size
     return conn.total_changes - before
 

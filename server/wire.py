@@ -13,9 +13,19 @@ def varint(n: int) -> bytes:
     return bytes(out)
 
 
+_ONE_BYTE = [bytes([n]) for n in range(128)]
+
+
+def tagged(tag: bytes, data: bytes) -> bytes:
+    """A length-delimited field whose tag is already encoded; the cheap form
+    for hot paths that build the same fields over and over."""
+    n = len(data)
+    return tag + (_ONE_BYTE[n] if n < 128 else varint(n)) + data
+
+
 def length_delimited(number: int, data: bytes) -> bytes:
     """Field ``number`` holding ``data`` (a string, bytes or a serialized message)."""
-    return varint(number << 3 | 2) + varint(len(data)) + data
+    return tagged(varint(number << 3 | 2), data)
 
 
 def varint_field(number: int, value: int) -> bytes:

@@ -17,7 +17,7 @@ from google.rpc import code_pb2
 
 from longbatch.v1 import content_pb2
 
-from ..wire import length_delimited, varint, varint_field
+from ..wire import length_delimited, tagged, varint, varint_field
 from .base import BackendError
 
 DEFAULT_DIMENSION = 768
@@ -91,12 +91,12 @@ class EchoBackend:
             prompt = " ".join([p.text for p in parts if p.HasField("text")])
         tokens = len(prompt.split())
         # Candidate{content{parts[{text}], role: "model"}, finish_reason: STOP}
-        candidate = _field(b"\x0a", _field(b"\x0a", _field(b"\x0a", _field(b"\x12", prompt.encode())) + _MODEL_ROLE)
+        candidate = tagged(b"\x0a", tagged(b"\x0a", tagged(b"\x0a", tagged(b"\x12", prompt.encode())) + _MODEL_ROLE)
                            + _FINISH_STOP)
         if not tokens:
             return candidate + _EMPTY_USAGE + self._version_field
         usage = b"\x08" + varint(tokens) + b"\x10" + varint(tokens) + b"\x18" + varint(2 * tokens)
-        return candidate + _field(b"\x12", usage) + self._version_field
+        return candidate + tagged(b"\x12", usage) + self._version_field
 
     async def generate_raw(self, payload: bytes) -> bytes:
         """``generate`` on serialized messages (see ``_answer_raw``)."""
@@ -140,13 +140,6 @@ _parse_request = content_pb2.GenerateContentRequest.FromString
 _MODEL_ROLE = length_delimited(2, b"model")
 _FINISH_STOP = varint_field(2, _FINISH.FINISH_REASON_STOP)
 _EMPTY_USAGE = length_delimited(2, b"")
-_ONE_BYTE = [bytes([n]) for n in range(128)]
-
-
-def _field(tag: bytes, data: bytes) -> bytes:
-    """A length-delimited field whose tag byte is already encoded."""
-    n = len(data)
-    return tag + (_ONE_BYTE[n] if n < 128 else varint(n)) + data
 
 
 def hash_vector(seed: bytes, dim: int) -> list[float]:
