@@ -11,16 +11,21 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
 
 
 def _exit_with_parent() -> None:
-    """Pool initializer: end this worker when the server process dies.
+    """Pool initializer: leave shutdown to the server, and end this worker
+    when the server process dies.
 
-    A SIGKILLed server runs no shutdown code, and orphaned workers would
-    live on holding its stdout open.
+    Ctrl-C reaches the whole process group; the server shuts the pool down
+    in order, so a worker ignores SIGINT rather than dying mid-task with a
+    traceback. A SIGKILLed server runs no shutdown code, and orphaned
+    workers would live on holding its stdout open.
     """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     if parent is None:
         return
