@@ -9,6 +9,7 @@ every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sqlite3
 import time
@@ -264,7 +265,11 @@ async def test_done_batches_are_purged_after_retention(
     make_server: MakeServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level("INFO", logger="longbatch.retention")
-    srv = await make_server(ServerConfig(models=(*DEFAULT_MODELS, STUCK), limits=Limits(retention_s=1.0)))
+    # Three workers: the cancelled batch's two requests may each hold one for
+    # their 5 s (a closed batch's calls in flight run out), and the batch
+    # meant to be running must still get one.
+    stuck = dataclasses.replace(STUCK, max_concurrency=3)
+    srv = await make_server(ServerConfig(models=(*DEFAULT_MODELS, stuck), limits=Limits(retention_s=1.0)))
     assert srv.running.retention is not None and srv.running.retention.interval_s == 0.05
     stubs = Stubs.connect(srv.target)
     files = file_pb2_grpc.FileServiceStub(stubs.channel)
