@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import grpc
-from google.rpc import status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from .config import ApiKey
 from .errors import Internal, InvalidArgument, ServiceError, Unauthenticated
@@ -37,12 +37,71 @@ def current_tenant() -> str:
     return _tenant.get()
 
 
+# gRPC C-core clients (Python, C++, Ruby, PHP, C#) refuse response metadata
+# over 8 KiB with a probability that grows to 1 at 16 KiB (the soft and hard
+# `grpc.max_metadata_size`), and the refused call reads RESOURCE_EXHAUSTED
+# "Stream removed". The details and the percent-encoded message get these
+# budgets, leaving room for :status, content-type and grpc-status.
+MAX_DETAILS_BYTES = 6 * 1024
+MAX_MESSAGE_BYTES = 1024
+
+
+def fit_trailers(status: status_pb2.Status) -> status_pb2.Status:
+    """``status`` cut to fit the trailer budgets: the message shortened, and
+    trailing BadRequest violations dropped, with the ErrorInfo's metadata
+    saying how many are left (``violations_shown``). A status within budget
+    comes back unchanged."""
+    message = _fit_message(status.message)
+    if message == status.message and status.ByteSize() <= MAX_DETAILS_BYTES:
+        return status
+    fitted = status_pb2.Status(code=status.code, message=message)
+    fitted.details.extend(status.details)
+    info_at = next((i for i, d in enumerate(fitted.details) if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)), None)
+    bad_at = next((i for i, d in enumerate(fitted.details) if d.Is(error_details_pb2.BadRequest.DESCRIPTOR)), None)
+    if fitted.ByteSize() <= MAX_DETAILS_BYTES or bad_at is None:
+        return fitted
+    bad = error_details_pb2.BadRequest()
+    fitted.details[bad_at].Unpack(bad)
+    info = error_details_pb2.ErrorInfo()
+    if info_at is not None:
+        fitted.details[info_at].Unpack(info)
+    keep = len(bad.field_violations)
+    while True:
+        del bad.field_violations[keep:]
+        info.metadata["violations_shown"] = str(keep)
+        if info_at is not None:
+            fitted.details[info_at].Pack(info)
+        if keep:
+            fitted.details[bad_at].Pack(bad)
+        else:
+            del fitted.details[bad_at]
+        size = fitted.ByteSize()
+        if size <= MAX_DETAILS_BYTES or not keep:
+            break
+        # Drop by the share of bytes over budget: a few passes at most.
+        keep = min(keep - 1, keep * MAX_DETAILS_BYTES // size)
+    return fitted
+
+
+def _fit_message(message: str) -> str:
+    """``message`` cut so its percent-encoded form (bytes outside printable
+    ASCII, and '%', take three) is at most MAX_MESSAGE_BYTES."""
+    size = 0
+    for i, ch in enumerate(message):
+        size += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode())
+        if size > MAX_MESSAGE_BYTES - 3:
+            return message[:i] + "..."
+    return message
+
+
 async def abort_with_status(context: grpc.aio.ServicerContext[Any, Any], status: status_pb2.Status) -> None:
-    """End the call with ``status``, identical in the status and its details.
+    """End the call with ``status``, identical in the status and its details,
+    cut to fit the trailer budgets (``fit_trailers``).
 
     api-core raises a bare ValueError when the two disagree, so both come from
     one message.
     """
+    status = fit_trailers(status)
     await context.abort(
         grpc.StatusCode(_code_tuple(status.code)),
         status.message,

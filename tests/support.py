@@ -9,6 +9,7 @@ import sqlite3
 import sys
 import sysconfig
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,29 +120,38 @@ class Details:
     reason: str
     domain: str
     violations: list[tuple[str, str]]
+    info_metadata: dict[str, str]
 
 
 def details(err: grpc.aio.AioRpcError) -> Details:
     """Decode ``grpc-status-details-bin`` and check it agrees with the status."""
-    raw = dict(err.trailing_metadata() or ()).get("grpc-status-details-bin")
+    trailers = err.trailing_metadata() or ()
+    raw = dict(trailers).get("grpc-status-details-bin")
     assert raw is not None, f"no status details on {err.code()}: {err.details()}"
+    # C-core clients refuse trailers past 8 KiB (by chance, up to 16 KiB):
+    # every error must fit with room for the pseudo-headers (HPACK counts 32
+    # bytes per entry on top of name and value).
+    encoded_message = urllib.parse.quote(err.details() or "", safe=" !\"#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+    size = sum(32 + len(k) + len(v) for k, v in trailers) + 32 + len("grpc-message") + len(encoded_message)
+    assert size <= 7 * 1024 + 512, f"{size} bytes of trailers on {err.code()}"
     status = status_pb2.Status.FromString(raw)
     assert status.code == err.code().value[0]
     assert status.message == err.details()
     reason = domain = ""
+    info_metadata: dict[str, str] = {}
     violations: list[tuple[str, str]] = []
     for d in status.details:
         if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             d.Unpack(info)
-            reason, domain = info.reason, info.domain
+            reason, domain, info_metadata = info.reason, info.domain, dict(info.metadata)
         elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             d.Unpack(bad)
             violations = [(v.field, v.description) for v in bad.field_violations]
     assert reason and reason.upper() == reason, f"missing/odd ErrorInfo reason {reason!r}"
     assert domain == "longbatch.dev"
-    return Details(err.code(), err.details() or "", reason, domain, violations)
+    return Details(err.code(), err.details() or "", reason, domain, violations, info_metadata)
 
 
 class ServerProcess:
