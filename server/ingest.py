@@ -24,7 +24,7 @@ from google.rpc import code_pb2, status_pb2
 from .config import Limits
 from .domain import Batch, BatchKind, NewItem
 from .errors import make_status
-from .jsonl import LineError, parse_embed_line, parse_generate_line
+from .jsonl import LineError, parse_embed_line, parse_generate_line, plain_generate_payload
 from .validate import MAX_VIOLATIONS, Violations, validate_embed_request, validate_generate_request
 from .workers import WorkerPool
 
@@ -110,21 +110,25 @@ def parse_range(path: str, start: int, end: int, kind: str, model: str, max_requ
             if not line:
                 continue  # blank lines (and the last newline) are allowed
             out.requests += 1
-            try:
-                key, request = parse(line)
-            except LineError as e:
-                _bad(out, str(e))
-                continue
-            if request.model and request.model != model:
-                _bad(out, f"request.model names {request.model[:80]!r} but the batch runs {model!r}")
-                continue
-            check(request, "request", violations)  # type: ignore[arg-type]
-            if violations.items:
-                field_name, problem = violations.items[0]
-                violations = Violations()
-                _bad(out, f"{field_name} {problem}")
-                continue
-            payload = request.SerializeToString()
+            plain = plain_generate_payload(line) if generate else None
+            if plain is not None:
+                key, payload = plain
+            else:
+                try:
+                    key, request = parse(line)
+                except LineError as e:
+                    _bad(out, str(e))
+                    continue
+                if request.model and request.model != model:
+                    _bad(out, f"request.model names {request.model[:80]!r} but the batch runs {model!r}")
+                    continue
+                check(request, "request", violations)  # type: ignore[arg-type]
+                if violations.items:
+                    field_name, problem = violations.items[0]
+                    violations = Violations()
+                    _bad(out, f"{field_name} {problem}")
+                    continue
+                payload = request.SerializeToString()
             if len(payload) > max_request_bytes:
                 _bad(out, f"request is {len(payload)} bytes; the limit is {max_request_bytes}")
             elif keep and not out.bad:

@@ -58,7 +58,7 @@ from longbatch.v1 import content_pb2
 
 from .wire import varint
 
-__all__ = ["LineError", "parse_embed_line", "parse_generate_line"]
+__all__ = ["LineError", "parse_embed_line", "parse_generate_line", "plain_generate_payload"]
 
 _M = TypeVar("_M", bound=Message)
 
@@ -518,7 +518,8 @@ def _text_content() -> Callable[[Any, _Tally], bytes | None]:
 _SPECS: dict[str, _Spec] = {}
 _GENERATE: Final = _spec_for(content_pb2.GenerateContentRequest.DESCRIPTOR, _SPECS)
 _EMBED: Final = _spec_for(content_pb2.EmbedContentRequest.DESCRIPTOR, _SPECS)
-_SPECS[content_pb2.Content.DESCRIPTOR.full_name].fast = _text_content()
+_TEXT_CONTENT: Final = _text_content()
+_SPECS[content_pb2.Content.DESCRIPTOR.full_name].fast = _TEXT_CONTENT
 # Bound once: looking FromString up on a upb class costs a third of the call.
 _GENERATE_FROM: Final = content_pb2.GenerateContentRequest.FromString
 _EMBED_FROM: Final = content_pb2.EmbedContentRequest.FromString
@@ -632,6 +633,53 @@ def parse_generate_line(line: bytes) -> tuple[str, content_pb2.GenerateContentRe
             or the request is not a valid ``GenerateContentRequest``.
     """
     return _parse(line, _GENERATE, content_pb2.GenerateContentRequest, _GENERATE_FROM)
+
+
+_CONTENTS_TAG: Final = _tag(content_pb2.GenerateContentRequest.DESCRIPTOR.fields_by_name["contents"], _WIRE_LEN)
+_PLAIN_ROLES: Final = frozenset(("", "user", "model"))
+"""The roles validate.py accepts; a test keeps the two in step."""
+
+
+def plain_generate_payload(line: bytes) -> tuple[str, bytes] | None:
+    """The key and serialized request of a plain generation line, or None.
+
+    A plain line is ``{"key": "...", "request": {"contents": [...]}}`` whose
+    contents are non-empty lists of text parts with the role ``user``,
+    ``model`` or none: the shape of nearly every line of a batch file. Such a
+    request passes validation by construction, so its bytes go straight to
+    storage without the message being built, validated and serialized again,
+    which costs twice the parse. The bytes are ``SerializeToString()``'s.
+
+    Any other line, good or bad, gives None: it takes parse_generate_line and
+    validation, which accept it or say why not.
+    """
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if type(obj) is not dict:
+        return None
+    request = obj.get("request")
+    key = obj.get("key", "")
+    if type(request) is not dict or type(key) is not str or len(obj) != 1 + ("key" in obj) or len(request) != 1:
+        return None
+    contents = request.get("contents")
+    if type(contents) is not list or not contents:
+        return None
+    tally = [len(obj) + 1, 0]
+    if ":" in key:
+        _colons(key, tally)
+    out = []
+    for content in contents:
+        payload = _TEXT_CONTENT(content, tally)
+        if payload is None or not content["parts"] or content.get("role", "") not in _PLAIN_ROLES:
+            return None
+        out.append(_CONTENTS_TAG + _length(len(payload)) + payload)
+    # As in _parse: a colon count off by any amount may hide a repeated key.
+    keys_and_colons, colons = tally
+    if line.count(b":") != keys_and_colons or (colons and b"\\u003" in line):
+        return None
+    return key, b"".join(out)
 
 
 def parse_embed_line(line: bytes) -> tuple[str, content_pb2.EmbedContentRequest]:

@@ -23,8 +23,9 @@ from google.protobuf.message import Message
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from longbatch.server import jsonl
+from longbatch.server import jsonl, validate
 from longbatch.server.jsonl import LineError, parse_embed_line, parse_generate_line
+from longbatch.server.validate import Violations, validate_generate_request
 from longbatch.v1 import content_pb2
 
 GEN = content_pb2.GenerateContentRequest
@@ -679,3 +680,76 @@ def test_a_repeated_key_is_found_wherever_it_is(
     assert (got_key, got.SerializeToString(deterministic=True)) == (key, want.SerializeToString(deterministic=True))
     with pytest.raises(LineError, match="duplicate key"):
         parse_generate_line(_emit(line, target, repeated, early, escape, space).encode())
+
+
+# --------------------------------------------------------------------------- the plain-line route
+
+plain_text = st.text(max_size=12) | st.sampled_from(["a: b", "x" * 200, "é" * 70, "\\u003a", ""])
+plain_content = st.fixed_dictionaries(
+    {"parts": st.lists(mostly(st.fixed_dictionaries({"text": plain_text}), st.just({})), max_size=3)},
+    optional={"role": st.sampled_from(["", "user", "model", "system", "User", "user:x"])},
+)
+plain_request = mostly(
+    st.fixed_dictionaries({"contents": st.lists(plain_content, max_size=3)}),
+    request_shaped(GEN.DESCRIPTOR),
+    st.fixed_dictionaries({"contents": st.lists(plain_content, max_size=2), "model": st.just("models/echo")}),
+)
+
+
+def _agrees_with_the_general_route(line: bytes) -> bool:
+    """If the plain route takes ``line``, the general route accepts it,
+    validation passes, and the bytes are SerializeToString()'s. True when
+    the plain route took it."""
+    plain = jsonl.plain_generate_payload(line)
+    if plain is None:
+        return False
+    key, message = parse_generate_line(line)
+    violations = Violations()
+    validate_generate_request(message, "request", violations)
+    assert violations.items == []
+    assert plain == (key, message.SerializeToString())
+    return True
+
+
+@PROPERTY
+@given(request=plain_request, key=mostly(st.text(max_size=8), st.none(), st.just(7)), spaced=st.booleans())
+def test_the_plain_route_takes_only_valid_lines_with_identical_bytes(request: Any, key: Any, spaced: bool) -> None:
+    line = {"request": request} if key is None else {"key": key, "request": request}
+    text = json.dumps(line) if spaced else orjson.dumps(line).decode()
+    took = _agrees_with_the_general_route(text.encode())
+    # Every plain line takes the route (or the speedup is gone), bar colons
+    # spelled as escapes, which the quick duplicate-key check cannot count.
+    assert took == _plain_shaped(request, key) or "\\u003a" in text
+
+
+def _plain_shaped(request: Any, key: Any) -> bool:
+    def text_part(part: Any) -> bool:
+        return type(part) is dict and set(part) == {"text"} and type(part["text"]) is str
+
+    def content(c: Any) -> bool:
+        return (type(c) is dict and set(c) <= {"parts", "role"} and type(c.get("parts")) is list and bool(c["parts"])
+                and all(map(text_part, c["parts"])) and c.get("role", "") in ("", "user", "model"))
+
+    return (key is None or type(key) is str) and type(request) is dict and set(request) == {"contents"} and (
+        type(request["contents"]) is list and bool(request["contents"]) and all(map(content, request["contents"])))
+
+
+@pytest.mark.parametrize("line", [
+    b'{"key": "a", "key": "b", "request": {"contents": [{"parts": [{"text": "x"}]}]}}',
+    b'{"request": {"contents": [{"parts": [{"text": "x"}]}], "contents": [{"parts": [{"text": "y"}]}]}}',
+    b'{"request": {"contents": [{"parts": [{"text": "x", "text": "y"}]}]}}',
+    b'{"request": {"contents": [{"role": "user", "parts": [{"text": "x"}], "role": "model"}]}}',
+    b'{"key": "a\\u003a", "request": {"contents": [{"parts": [{"text": "x"}], "parts": []}]}}',
+    b'{"request": {"contents": [{"parts": [{"text": "x"}]}]}',
+    b'{"request": {"contents": [{"parts": [{"text": "x"}]}]}} trailing',
+    b'\xff{"request": {}}',
+    b'{"request": {"contents": [{"parts": [{"text": "x"}], "role": "system"}]}}',
+    b'{"request": {"contents": [{"parts": []}]}}',
+    b'{"request": {"contents": []}}',
+])
+def test_the_plain_route_leaves_bad_lines_to_the_general_route(line: bytes) -> None:
+    assert jsonl.plain_generate_payload(line) is None
+
+
+def test_the_plain_route_knows_the_roles_validation_accepts() -> None:
+    assert jsonl._PLAIN_ROLES == validate._ROLES
