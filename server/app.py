@@ -61,6 +61,7 @@ class Running:
     file_expiry: FileExpiry | None = None
     webhooks: WebhookDispatcher | None = None
     workers: WorkerPool | None = None
+    outputs: Outputs | None = None
     retention: RetentionPurge | None = None
     _stopped: bool = False
 
@@ -74,6 +75,8 @@ class Running:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.executor.stop(grace)
+        if self.outputs is not None:  # after the executor, which writes outputs of the batches it finishes
+            await self.outputs.close()
         if self.workers is not None:  # after the executor: batches it finishes write their outputs there
             await asyncio.to_thread(self.workers.close)
         if self.webhooks is not None:  # after the executor: its last batches still enqueue
@@ -156,4 +159,4 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     retention = RetentionPurge(store, files, outputs, config.limits.retention_s)
     retention.start()
     return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry,
-                   webhooks=webhooks, workers=workers, retention=retention)
+                   webhooks=webhooks, workers=workers, outputs=outputs, retention=retention)

@@ -231,6 +231,7 @@ class Executor:
         run = _Run(batch.id, batch.seq, batch.kind, batch.priority, started=batch.state is State.RUNNING)
         self._runs[batch.id] = (run, queue)
         queue.add(run)
+        self._outputs.begin(batch)
 
     async def _ingest(self, batch: Batch) -> None:
         """Read a file batch's input, then schedule it; FAILED if it is bad."""

@@ -37,20 +37,22 @@ class FileStorage:
         """The path of a complete file's bytes."""
         return self._root / file_id
 
+    def create(self, file_id: str) -> NewFile:
+        """Start writing a file under a temporary name; it appears under its
+        id only on ``commit()``."""
+        tmp = self._tmp / f"{file_id}.{secrets.token_hex(4)}"
+        return NewFile(tmp, self.path(file_id))
+
     @contextmanager
     def writer(self, file_id: str) -> Iterator[HashingWriter]:
         """Write a file; it appears under its id only if the block succeeds."""
-        tmp = self._tmp / f"{file_id}.{secrets.token_hex(4)}"
-        with tmp.open("wb") as raw:
-            out = HashingWriter(raw)
-            try:
-                yield out
-                raw.flush()
-                os.fsync(raw.fileno())
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        os.replace(tmp, self.path(file_id))
+        new = self.create(file_id)
+        try:
+            yield new
+        except BaseException:
+            new.abort()
+            raise
+        new.commit()
 
     def delete(self, file_id: str) -> None:
         """Remove a file's bytes if present."""
@@ -75,3 +77,28 @@ class HashingWriter:
     def sha256(self) -> bytes:
         """Digest of everything written so far."""
         return self._hash.digest()
+
+
+class NewFile(HashingWriter):
+    """A file being written under a temporary name."""
+
+    def __init__(self, tmp: Path, final: Path) -> None:
+        super().__init__(tmp.open("wb"))
+        self._tmp = tmp
+        self._final = final
+        self._open = True
+
+    def commit(self) -> None:
+        """fsync and rename into place, so the file is complete or absent."""
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        self._open = False
+        os.replace(self._tmp, self._final)
+
+    def abort(self) -> None:
+        """Drop the bytes written; safe to call more than once, or after commit."""
+        if self._open:
+            self._open = False
+            self._raw.close()
+            self._tmp.unlink(missing_ok=True)

@@ -7,12 +7,19 @@ Rendering a responses file is ~7 µs of JSON per line; for a million lines
 that would hold the event loop for seconds on one core. Pages of rows are
 rendered by the worker processes instead, a few pages ahead of the one being
 written, so memory stays bounded and lines stay in order.
+
+A file batch's responses file is drafted while the batch runs: a result never
+changes once recorded, so each page whose requests have all finished is final
+however the batch ends, and is rendered then, on the core the executor leaves
+free, rather than all at the end. Closing the batch renders only the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
@@ -21,7 +28,7 @@ import orjson
 
 from . import convert, jsonout
 from .domain import Batch, BatchKind, ItemStatus, ResultRow, State, StoredFile, now_us
-from .files import FileStorage, HashingWriter, new_id
+from .files import FileStorage, HashingWriter, NewFile, new_id
 from .store import ResultReader, Store
 from .workers import WorkerPool
 
@@ -32,6 +39,8 @@ _RENDER_PAGE = 4000
 """Lines per rendering task: enough to amortize the hop to a worker (~0.3 ms)."""
 _RENDER_AHEAD = 4
 _POOL_MIN = 2 * _RENDER_PAGE
+_DRAFT_POLL_S = 0.05
+"""How often a draft looks again for a finished page while none is."""
 # Get and Wait carry the output twice (metadata.output and response), plus
 # the batch itself: keep room for both under the client's receive limit.
 _COPIES = 2
@@ -51,6 +60,7 @@ class Outputs:
         self._cache: OrderedDict[str, bytes] = OrderedDict()
         self._cache_bytes = cache_bytes
         self._cached = 0
+        self._drafts: dict[str, _Draft] = {}
 
     async def rows(self, batch: Batch, start_idx: int = 0) -> AsyncIterator[ResultRow]:
         """Results in order from ``start_idx``, read page by page: up to the
@@ -69,10 +79,72 @@ class Outputs:
                 return
             idx = page[-1].idx + 1
 
+    def begin(self, batch: Batch) -> None:
+        """Start drafting the responses file of a running file batch (see the
+        module docstring); nothing for batches too small to be worth it."""
+        if batch.input_file is None or batch.request_count < _POOL_MIN or batch.id in self._drafts:
+            return
+        pool = self._workers.get() if self._workers is not None else None
+        reader = self._store.result_reader(batch) if pool is not None else None
+        if pool is None or reader is None:
+            return
+        file_id = new_id()
+        draft = _Draft(file_id, self._files.create(file_id))
+        draft.task = asyncio.create_task(self._draft(draft, batch, pool, reader), name=f"draft-{batch.id}")
+        self._drafts[batch.id] = draft
+
+    async def _draft(self, draft: _Draft, batch: Batch, pool: Executor, reader: ResultReader) -> None:
+        """Render, in order, each page whose requests have all finished, until
+        the batch closes."""
+        loop = asyncio.get_running_loop()
+        kind, count = batch.kind.value, batch.request_count
+        lo = 0  # the first request not yet handed to a worker
+        pending: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        try:
+            while lo < count or pending:
+                while not draft.closing.is_set() and lo < count and len(pending) < _RENDER_AHEAD:
+                    hi = min(lo + _RENDER_PAGE, count)
+                    if await self._store.finished_count(batch, lo, hi) < hi - lo:
+                        break
+                    pending.append((hi, loop.run_in_executor(pool, render_range, reader, kind, None, lo, hi)))
+                    lo = hi
+                if pending:
+                    hi, rendered = pending[0]
+                    data = await rendered
+                    pending.popleft()
+                    await asyncio.to_thread(draft.file.write, data)
+                    draft.rendered = hi
+                elif draft.closing.is_set():
+                    return
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(draft.closing.wait(), _DRAFT_POLL_S)
+        finally:
+            for _, rendered in pending:
+                rendered.cancel()
+
+    def _discard(self, batch_id: str) -> None:
+        draft = self._drafts.pop(batch_id, None)
+        if draft is not None:
+            draft.task.cancel()
+            draft.task.add_done_callback(lambda _: draft.file.abort())
+
+    async def close(self) -> None:
+        """Stop every draft and drop its bytes (the batches resume, and draft
+        again, at the next start)."""
+        drafts = list(self._drafts.values())
+        self._drafts.clear()
+        for draft in drafts:
+            draft.task.cancel()
+        await asyncio.gather(*(d.task for d in drafts), return_exceptions=True)
+        for draft in drafts:
+            draft.file.abort()
+
     async def write_if_large(self, batch: Batch) -> str | None:
         """For a closed batch, write a responses file if its output must not be
         inline; return the file id, or None for inline output."""
         if batch.outcome is State.FAILED:
+            self._discard(batch.id)
             return None
         if batch.input_file is None:
             size = await self._store.output_size(batch.id)
@@ -80,39 +152,70 @@ class Outputs:
                 return None
         return await self._write_file(batch)
 
+    async def _take_draft(self, batch_id: str) -> tuple[str, NewFile, int] | None:
+        """The batch's draft, stopped: file id, file and requests rendered."""
+        draft = self._drafts.pop(batch_id, None)
+        if draft is None:
+            return None
+        draft.closing.set()
+        try:
+            await draft.task
+        except Exception:
+            # The close renders everything the draft did not: nothing is lost.
+            log.exception("drafting the responses of batches/%s failed; rendering them whole", batch_id)
+            draft.file.abort()
+            return None
+        except asyncio.CancelledError:
+            draft.task.cancel()
+            draft.file.abort()
+            raise
+        return draft.file_id, draft.file, draft.rendered
+
     async def _write_file(self, batch: Batch) -> str:
-        file_id = new_id()
-        with self._files.writer(file_id) as out:
+        drafted = await self._take_draft(batch.id)
+        if drafted is None:
+            file_id = new_id()
+            drafted = (file_id, self._files.create(file_id), 0)
+        file_id, out, start = drafted
+        began = time.monotonic()
+        try:
             # A small output is cheaper to render here than to start workers for.
-            large = batch.request_count >= _POOL_MIN
+            large = batch.request_count - start >= _POOL_MIN
             pool = self._workers.get() if self._workers is not None and large else None
             reader = self._store.result_reader(batch) if pool is not None else None
             if pool is None or reader is None:
                 page: list[_Line] = []
-                async for row in self.rows(batch):
+                async for row in self.rows(batch, start):
                     page.append((row.key or str(row.idx), row.metadata, int(row.status), row.result))
                     if len(page) >= _RENDER_PAGE:
                         await asyncio.to_thread(out.write, render_lines(batch.kind.value, page))
                         page = []
                 await asyncio.to_thread(out.write, render_lines(batch.kind.value, page))
             else:
-                await self._render_in(pool, reader, batch, out)
+                await self._render_in(pool, reader, batch, out, start)
+            await asyncio.to_thread(out.commit)
+        except BaseException:
+            out.abort()
+            raise
         await self._store.add_file(StoredFile(
             id=file_id, seq=0, tenant=batch.tenant, display_name=f"responses of {batch.name}",
             mime_type="application/jsonl", size_bytes=out.size, sha256=out.sha256, create_time_us=now_us(),
             expire_time_us=None, source="generated",
         ))
+        log.info("%s: responses file files/%s written, %d bytes; %d of %d lines drafted while it ran, the rest "
+                 "took %.2f s", batch.name, file_id, out.size, start, batch.request_count, time.monotonic() - began)
         return file_id
 
     @staticmethod
-    async def _render_in(pool: Executor, reader: ResultReader, batch: Batch, out: HashingWriter) -> None:
-        """Render the responses file in worker processes, each reading its
-        own idx range, a few ranges ahead of the one being written."""
+    async def _render_in(pool: Executor, reader: ResultReader, batch: Batch, out: HashingWriter, start: int) -> None:
+        """Render the responses file from request ``start`` on in worker
+        processes, each reading its own idx range, a few ranges ahead of the
+        one being written."""
         loop = asyncio.get_running_loop()
         rest_status, rest_result = convert.closed_item(batch.outcome)
         kind, rest = batch.kind.value, (int(rest_status), rest_result)
         ranges = deque((lo, min(lo + _RENDER_PAGE, batch.request_count))
-                       for lo in range(0, batch.request_count, _RENDER_PAGE))
+                       for lo in range(start, batch.request_count, _RENDER_PAGE))
         pending: deque[tuple[int, int, asyncio.Future[bytes]]] = deque()
         try:
             while ranges or pending:
@@ -162,18 +265,35 @@ class Outputs:
             self._cached -= len(data)
 
 
+class _Draft:
+    """A responses file being rendered while its batch runs."""
+
+    def __init__(self, file_id: str, file: NewFile) -> None:
+        self.file_id = file_id
+        self.file = file
+        self.rendered = 0
+        """Requests whose lines are in the file (always a prefix)."""
+        self.closing = asyncio.Event()
+        self.task: asyncio.Task[None]
+
+
 _Line = tuple[str, bytes | None, int, bytes]
 """What a responses-file line is made of: key, metadata, ItemStatus, result."""
 
 
-def render_range(reader: ResultReader, kind: str, rest: tuple[int, bytes], lo: int, hi: int) -> bytes:
-    """The responses-file lines of requests ``lo <= idx < hi`` of a closed
-    batch, unfinished ones (PENDING) reading as ``rest``; runs in a worker."""
+def render_range(reader: ResultReader, kind: str, rest: tuple[int, bytes] | None, lo: int, hi: int) -> bytes:
+    """The responses-file lines of requests ``lo <= idx < hi``, unfinished
+    ones (PENDING) reading as ``rest`` (a closed batch's), or refused when
+    ``rest`` is None (a draft's); runs in a worker."""
     pending = ItemStatus.PENDING.value
-    rest_status, rest_result = rest
     rows = reader(lo, hi)
     if len(rows) != hi - lo:
         raise RuntimeError(f"expected {hi - lo} requests from idx {lo}, read {len(rows)}")
+    if rest is None:
+        if any(row[3] == pending for row in rows):
+            raise RuntimeError(f"a request in {lo}..{hi} has not finished")
+        rest = (pending, b"")
+    rest_status, rest_result = rest
     return render_lines(kind, [
         (key or str(idx), metadata, rest_status, rest_result) if status == pending
         else (key or str(idx), metadata, status, result or b"")

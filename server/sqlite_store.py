@@ -659,6 +659,12 @@ class SQLiteStore:
         """See Store: rows of ``batch`` read by ``read_result_rows``."""
         return functools.partial(read_result_rows, str(self._path), batch.seq)
 
+    async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
+        """See Store: a range scan of the results key."""
+        row = await self._one(
+            "SELECT COUNT(*) FROM results WHERE batch_seq = ? AND idx >= ? AND idx < ?", (batch.seq, lo, hi))
+        return int(row[0]) if row else 0
+
     async def output_size(self, batch_id: str) -> int:
         """Total bytes of results and metadata."""
         row = await self._one(

@@ -119,6 +119,10 @@ class Store(Protocol):
         ``lo <= idx < hi`` from any process, for rendering outputs in worker
         processes; None when the store cannot be read from elsewhere."""
 
+    async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
+        """How many of ``batch``'s requests with ``lo <= idx < hi`` have a
+        result (are no longer PENDING)."""
+
     async def output_size(self, batch_id: str) -> int:
         """Bytes of all results and metadata of a batch (to size its output)."""
 

@@ -26,7 +26,7 @@ from ..convert import timestamp
 from ..domain import StoredFile, now_us
 from ..edge import current_tenant
 from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from ..files import FileStorage, HashingWriter, new_id
+from ..files import FileStorage, new_id
 from ..ingest import SMALL_FILE_BYTES
 from ..paging import PageTokens, read_page_request
 from ..store import Store, StoreConflict
@@ -257,10 +257,9 @@ class _Spool:
     MiB and written (and hashed) in a thread while the next ones arrive."""
 
     def __init__(self, storage: FileStorage, file_id: str) -> None:
-        self._writer = storage.writer(file_id)
         # Opening a new file is one cheap syscall; doing it here rather than in
         # a thread means a cancellation can never strand a temp file.
-        self._out: HashingWriter = self._writer.__enter__()
+        self._out = storage.create(file_id)
         self._chunks: list[bytes] = []
         self._buffered = 0
         self.received = 0
@@ -306,7 +305,7 @@ class _Spool:
     async def commit(self) -> None:
         """fsync and rename into place (in a thread: fsync can take a while)."""
         self._closed = True
-        await asyncio.to_thread(self._writer.__exit__, None, None, None)
+        await asyncio.to_thread(self._out.commit)
 
     def discard(self) -> None:
         """Drop the temp file; safe to call more than once."""
@@ -319,8 +318,7 @@ class _Spool:
             self._in_flight.cancel()
             self._in_flight.add_done_callback(_consume)
         with contextlib.suppress(Exception):
-            abandoned = asyncio.CancelledError("upload abandoned")
-            self._writer.__exit__(type(abandoned), abandoned, None)
+            self._out.abort()
 
 
 class FileExpiry:

@@ -3,6 +3,7 @@ server process, line for line, whatever mix of outcomes a batch holds."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from google.rpc import code_pb2, status_pb2
 from longbatch.server.config import ConfigError, config_from_dict
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State
 from longbatch.server.files import FileStorage
-from longbatch.server.outputs import _POOL_MIN, Outputs
+from longbatch.server.outputs import _POOL_MIN, _RENDER_PAGE, Outputs
 from longbatch.server.sqlite_store import SQLiteStore
 from longbatch.server.workers import WorkerPool
 from longbatch.v1 import content_pb2
@@ -80,6 +81,78 @@ async def test_worker_rendered_file_equals_in_process_file(store: SQLiteStore, t
     assert lines[2]["error"]["code"] == code_pb2.CANCELLED  # unfinished when cancelled
     assert lines[5]["metadata"] == {"source": "test", "n": 3}
     assert sum("response" in line for line in lines) == len(range(0, N, 3))
+
+
+async def test_a_file_drafted_while_the_batch_runs_equals_one_rendered_at_the_end(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    # The first two pages finish while the batch runs, and some of the rest;
+    # then it is cancelled. The drafted pages must stay exactly what they
+    # would have been, and the close must render the rest around them.
+    items = [NewItem(i, f"k{i}", None, b"") for i in range(N)]
+    new = NewBatch(id="run", tenant="t", kind=BatchKind.GENERATE, model="models/echo", display_name="",
+                   priority=0, input_file="input", webhook=None, request_id=None)
+    await store.create_batch(new, items, 0)
+    running = await store.get_batch(None, "run")
+    assert running is not None and running.request_count == N
+    early = 2 * _RENDER_PAGE
+    await store.record_outcomes([Outcome("run", i, ItemStatus.SUCCEEDED, _response(i)) for i in range(early)]
+                                + [Outcome("run", i, ItemStatus.SUCCEEDED, _response(i)) for i in range(early, N, 2)])
+    files = FileStorage(tmp_path / "files")
+    files.prepare()
+    pool = WorkerPool(2)
+    outputs = Outputs(store, files, 1 << 20, workers=pool)
+    try:
+        outputs.begin(running)
+        draft = outputs._drafts["run"]
+        for _ in range(200):  # up to 10 s
+            if draft.rendered == early:
+                break
+            await asyncio.sleep(0.05)
+        assert draft.rendered == early  # and no further: page three is unfinished
+        await store.close_batch("run", State.CANCELLED, None, ItemStatus.CANCELLED)
+        closed = await store.get_batch(None, "run")
+        assert closed is not None
+        drafted = await outputs._write_file(closed)
+        assert outputs._drafts == {}
+    finally:
+        await outputs.close()
+        pool.close()
+    whole = await Outputs(store, files, 1 << 20, workers=None)._write_file(closed)
+    data = files.path(drafted).read_bytes()
+    assert data == files.path(whole).read_bytes()
+    assert len(data.splitlines()) == N
+    assert list((tmp_path / "files" / ".tmp").iterdir()) == []
+
+
+async def test_a_draft_is_dropped_with_its_bytes_when_the_batch_fails_or_the_server_stops(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    items = [NewItem(i, f"k{i}", None, b"") for i in range(N)]
+    for batch_id in ("fails", "stops"):
+        await store.create_batch(NewBatch(
+            id=batch_id, tenant="t", kind=BatchKind.GENERATE, model="models/echo", display_name="", priority=0,
+            input_file="input", webhook=None, request_id=None), items, 0)
+    files = FileStorage(tmp_path / "files")
+    files.prepare()
+    pool = WorkerPool(1)
+    outputs = Outputs(store, files, 1 << 20, workers=pool)
+    try:
+        for batch_id in ("fails", "stops"):
+            batch = await store.get_batch(None, batch_id)
+            assert batch is not None
+            outputs.begin(batch)
+        assert len(list((tmp_path / "files" / ".tmp").iterdir())) == 2
+        await store.close_batch("fails", State.FAILED, None, ItemStatus.CANCELLED)
+        failed = await store.get_batch(None, "fails")
+        assert failed is not None
+        assert await outputs.write_if_large(failed) is None
+        await outputs.close()
+        await asyncio.sleep(0.1)  # a cancelled draft drops its file once its task ends
+        assert list((tmp_path / "files" / ".tmp").iterdir()) == []
+        assert outputs._drafts == {}
+    finally:
+        pool.close()
 
 
 def test_server_workers_setting() -> None:
