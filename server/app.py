@@ -114,7 +114,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     async def read_input(batch: Batch) -> int:
         assert batch.input_file is not None
         return await ingest(batch, files.path(batch.input_file), config.limits,
-                            functools.partial(store.append_items, batch.id), workers)
+                            functools.partial(store.append_requests, batch.id), workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input)
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)

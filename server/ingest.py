@@ -22,7 +22,7 @@ from pathlib import Path
 from google.rpc import code_pb2, status_pb2
 
 from .config import Limits
-from .domain import Batch, BatchKind, NewItem
+from .domain import Batch, BatchKind
 from .errors import make_status
 from .jsonl import LineError, parse_embed_line, parse_generate_line, plain_generate_payload
 from .validate import MAX_VIOLATIONS, Violations, validate_embed_request, validate_generate_request
@@ -54,9 +54,9 @@ class RangeResult:
     """Physical lines, blank ones included (for line numbers)."""
     requests: int = 0
     """Request lines, valid or not (for request indexes)."""
-    keys: list[str] = field(default_factory=list)
-    payloads: list[bytes] = field(default_factory=list)
-    """Serialized requests, when the range was valid and ``keep`` was asked."""
+    rows: list[int | str | bytes] = field(default_factory=list)
+    """When the range was valid and ``keep`` was asked, its requests as
+    (offset in the range, key, serialized request) triples, back to back."""
     bad: list[tuple[int, str]] = field(default_factory=list)
     """(line number within the range, 1-based; problem), at most MAX_VIOLATIONS."""
 
@@ -132,23 +132,22 @@ def parse_range(path: str, start: int, end: int, kind: str, model: str, max_requ
             if len(payload) > max_request_bytes:
                 _bad(out, f"request is {len(payload)} bytes; the limit is {max_request_bytes}")
             elif keep and not out.bad:
-                out.keys.append(key)
-                out.payloads.append(payload)
+                out.rows += (out.requests - 1, key, payload)
     return out
 
 
 def _bad(out: RangeResult, problem: str) -> None:
     if len(out.bad) < MAX_VIOLATIONS:
         out.bad.append((out.lines, problem))
-    out.keys.clear()
-    out.payloads.clear()
+    out.rows.clear()
 
 
 async def ingest(
-    batch: Batch, path: Path, limits: Limits, append: Callable[[list[NewItem]], Awaitable[None]],
+    batch: Batch, path: Path, limits: Limits, append: Callable[[int, list[int | str | bytes]], Awaitable[None]],
     pool: WorkerPool | None = None,
 ) -> int:
-    """Read ``path`` for ``batch``, storing requests through ``append``.
+    """Read ``path`` for ``batch``, storing requests through ``append``
+    (Store.append_requests without the batch id).
 
     Returns the number of requests, or raises IngestFailed (the caller drops
     whatever was appended).
@@ -181,9 +180,8 @@ async def ingest(
                 bad.append((line_base + result.lines, f"the file has more than {limit} request lines"))
                 total_bad += 1
                 break
-            if not bad and result.payloads:
-                await append([NewItem(idx=count + i, key=k, metadata=None, payload=p)
-                              for i, (k, p) in enumerate(zip(result.keys, result.payloads, strict=True))])
+            if not bad and result.rows:
+                await append(count, result.rows)
             count += result.requests
             line_base += result.lines
             if len(bad) >= MAX_VIOLATIONS:

@@ -190,6 +190,9 @@ _OUTCOME_COLUMN = {
 }
 _INSERT_CHUNK = 2000
 _INSERT_REQUESTS = "INSERT INTO requests (batch_seq, idx, key, metadata, payload) VALUES {values}"
+# The values are (idx offset, key, payload) rows; seq and the first idx come once per statement.
+_APPEND_REQUESTS = ("INSERT INTO requests (batch_seq, idx, key, metadata, payload) "
+                    "SELECT ?, ? + column1, column2, NULL, column3 FROM (VALUES {values})")
 _VALUES_MAX = 512  # rows per multi-row statement; 5 columns stay far below SQLite's 32766 variables
 _PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -210,7 +213,17 @@ def _values_sql(template: str, width: int, rows: int) -> str:
 
 def _execute_rows(conn: sqlite3.Connection, template: str, rows: Sequence[tuple[object, ...]]) -> int:
     """Run ``template`` over ``rows`` with its ``{values}`` replaced by a
-    multi-row VALUES list; the number of rows changed.
+    multi-row VALUES list; the number of rows changed."""
+    if not rows:
+        return 0
+    return _execute_flat(conn, template, (), [x for r in rows for x in r], len(rows[0]))
+
+
+def _execute_flat(conn: sqlite3.Connection, template: str, head: Sequence[object], flat: Sequence[object],
+                  width: int) -> int:
+    """Run ``template`` with its ``{values}`` replaced by a multi-row VALUES
+    list over ``flat``, rows of ``width`` values back to back, each statement
+    taking the ``head`` parameters first; the number of rows changed.
 
     Not executemany: the sqlite3 module releases the GIL around every step,
     and each time this thread takes it back from a busy event loop it may
@@ -218,16 +231,13 @@ def _execute_rows(conn: sqlite3.Connection, template: str, rows: Sequence[tuple[
     seconds per commit under load. Rows go in slices of _VALUES_MAX, the
     rest in powers of two, so few distinct statements get prepared.
     """
-    if not rows:
-        return 0
-    width = len(rows[0])
     before = conn.total_changes
-    start, n = 0, len(rows)
+    start, n = 0, len(flat) // width
+    head = list(head)
     while start < n:
         left = n - start
         size = _VALUES_MAX if left >= _VALUES_MAX else 1 << (left.bit_length() - 1)
-        part = rows[start:start + size]
-        conn.execute(_values_sql(template, width, size), [x for r in part for x in r])
+        conn.execute(_values_sql(template, width, size), [*head, *flat[start * width:(start + size) * width]])
         start += size
     return conn.total_changes - before
 
@@ -504,15 +514,14 @@ class SQLiteStore:
 
         return await self._write(tx)
 
-    async def append_items(self, batch_id: str, items: Sequence[NewItem]) -> None:
-        """Add requests read from a batch's input file, in one transaction."""
+    async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes]) -> None:
+        """Add requests read from a batch's input file, in one transaction (see Store)."""
 
         def tx(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if row is None:
                 return
-            seq = row[0]
-            _execute_rows(conn, _INSERT_REQUESTS, [(seq, i.idx, i.key, i.metadata, i.payload) for i in items])
+            _execute_flat(conn, _APPEND_REQUESTS, (row[0], first_idx), flat, 3)
 
         await self._write(tx)
 

@@ -70,8 +70,13 @@ class Store(Protocol):
         is unknown. Raises ``StoreConflict`` if the batch is not done.
         """
 
-    async def append_items(self, batch_id: str, items: Sequence[NewItem]) -> None:
-        """Add requests read from a batch's input file, in one transaction."""
+    async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes]) -> None:
+        """Add requests read from a batch's input file, in one transaction.
+
+        ``flat`` holds ``(offset, key, payload)`` triples back to back; each
+        request's idx is ``first_idx + offset``. Flat, because a million
+        requests must not become a million objects on their way in.
+        """
 
     async def finish_ingest(self, batch_id: str, request_count: int) -> Batch | None:
         """Mark a batch's requests complete (``ingested``); it may run from now on."""

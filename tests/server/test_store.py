@@ -98,7 +98,7 @@ async def test_large_writes_count_every_row_once(store: Store) -> None:
     for n in (1, 511, 512, 513, 2001):
         batch, _ = await store.create_batch(new_batch(f"h{n}"), iter(items(n)), DAY_US)
         assert batch.request_count == n
-        await store.append_items(f"h{n}", [NewItem(idx=n + i, key="", metadata=b"m", payload=b"q") for i in range(n)])
+        await store.append_requests(f"h{n}", n, [x for i in range(n) for x in (i, f"a{n + i}", b"q")])
         outcomes = [Outcome(f"h{n}", i, statuses[i % 3], b"r%d" % i) for i in range(0, 2 * n, 2)]
         touched = await store.record_outcomes(outcomes + outcomes[: len(outcomes) // 2])
         expected = [sum(1 for o in outcomes if o.status is s) for s in statuses]
@@ -110,7 +110,7 @@ async def test_large_writes_count_every_row_once(store: Store) -> None:
         assert [r.idx for r in rows] == list(range(2 * n))
         assert all(r.result == b"r%d" % r.idx and r.status is statuses[r.idx % 3] for r in rows[::2])
         assert all(r.status is ItemStatus.PENDING for r in rows[1::2])
-        assert all(r.metadata == b"m" for r in rows[n:])
+        assert all(r.key == f"a{r.idx}" and r.metadata is None for r in rows[n:])
 
 
 async def test_delete_only_when_done(store: Store) -> None:
