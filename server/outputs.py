@@ -38,6 +38,8 @@ _PAGE = 2000
 _RENDER_PAGE = 4000
 """Lines per rendering task: enough to amortize the hop to a worker (~0.3 ms)."""
 _RENDER_AHEAD = 4
+_READ_ROWS = 500
+"""Rows a worker reads and renders at a time within its range."""
 _POOL_MIN = 2 * _RENDER_PAGE
 _DRAFT_POLL_S = 0.05
 """How often a draft looks again for a finished page while none is."""
@@ -284,21 +286,28 @@ _Line = tuple[str, bytes | None, int, bytes]
 def render_range(reader: ResultReader, kind: str, rest: tuple[int, bytes] | None, lo: int, hi: int) -> bytes:
     """The responses-file lines of requests ``lo <= idx < hi``, unfinished
     ones (PENDING) reading as ``rest`` (a closed batch's), or refused when
-    ``rest`` is None (a draft's); runs in a worker."""
+    ``rest`` is None (a draft's); runs in a worker.
+
+    Rows are read and rendered a few hundred at a time: the objects of a
+    whole range, megabytes, would be freed and allocated again for the
+    next one, and fresh memory costs a page fault per 4 KiB.
+    """
     pending = ItemStatus.PENDING.value
-    rows = reader(lo, hi)
-    if len(rows) != hi - lo:
-        raise RuntimeError(f"expected {hi - lo} requests from idx {lo}, read {len(rows)}")
-    if rest is None:
-        if any(row[3] == pending for row in rows):
-            raise RuntimeError(f"a request in {lo}..{hi} has not finished")
-        rest = (pending, b"")
-    rest_status, rest_result = rest
-    return render_lines(kind, [
-        (key or str(idx), metadata, rest_status, rest_result) if status == pending
-        else (key or str(idx), metadata, status, result or b"")
-        for idx, key, metadata, status, result in rows
-    ])
+    rest_status, rest_result = (pending, b"") if rest is None else rest
+    out = bytearray()
+    for start in range(lo, hi, _READ_ROWS):
+        end = min(start + _READ_ROWS, hi)
+        rows = reader(start, end)
+        if len(rows) != end - start:
+            raise RuntimeError(f"expected {end - start} requests from idx {start}, read {len(rows)}")
+        if rest is None and any(row[3] == pending for row in rows):
+            raise RuntimeError(f"a request in {start}..{end} has not finished")
+        out += render_lines(kind, [
+            (key or str(idx), metadata, rest_status, rest_result) if status == pending
+            else (key or str(idx), metadata, status, result or b"")
+            for idx, key, metadata, status, result in rows
+        ])
+    return bytes(out)
 
 
 def render_lines(kind: str, rows: list[_Line]) -> bytes:

@@ -1,9 +1,9 @@
 """Worker processes for CPU-bound work, shared by the whole server.
 
-Parsing input files, rendering results files and answering for the built-in
-echo model are pure CPU work; on the event loop they would hold the GIL
-against every RPC and use one core. They run here instead, in processes
-started on first use.
+Parsing input files and rendering results files are pure CPU work; on the
+event loop they would hold the GIL against every RPC and use one core. They
+run here instead, in processes started on first use (``longbatch serve``
+starts them at boot).
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import signal
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
 
+from .memory import keep_freed_memory
 
-def _exit_with_parent() -> None:
-    """Pool initializer: leave shutdown to the server, and end this worker
-    when the server process dies.
+
+def _init_worker() -> None:
+    """Pool initializer: leave shutdown to the server, end this worker when
+    the server process dies, and keep freed memory (server/memory.py).
 
     Ctrl-C reaches the whole process group; the server shuts the pool down
     in order, so a worker ignores SIGINT rather than dying mid-task with a
@@ -26,6 +28,7 @@ def _exit_with_parent() -> None:
     workers would live on holding its stdout open.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()
     parent = multiprocessing.parent_process()
     if parent is None:
         return
@@ -58,7 +61,7 @@ class WorkerPool:
         if self._pool is None:
             # spawn: forking a process that runs gRPC threads is unsafe.
             self._pool = ProcessPoolExecutor(
-                self._workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent
+                self._workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker
             )
         return self._pool
 
