@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .app import start_server
 from .config import ConfigError, load_config
-from .memory import keep_freed_memory
 
 log = logging.getLogger("longbatch")
 
@@ -53,7 +52,6 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"error: no API keys are configured, so longbatch runs open and will only listen on loopback; "
               f"configure [[api_keys]] or pass --allow-open to serve {args.host} anyway", file=sys.stderr)
         return 2
-    keep_freed_memory()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,6 +7,10 @@ and free megabytes per page of work, so every page paid again for fresh
 memory, one page fault per 4 KiB touched. In a VM a fault costs several
 microseconds: rendering a 1M-line responses file took ~1.1M faults, a fault
 per line, and orjson.dumps kept in a list went from 0.16 µs to 3.5 µs a call.
+
+Only the worker processes keep their memory: the server process took few
+faults (~5k in that batch), and there the memory given back keeps its RSS
+(~120 MB at the peak of a 1M batch) ~20 MB lower.
 """
 
 from __future__ import annotations
