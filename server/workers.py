@@ -17,10 +17,13 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 
 from .memory import keep_freed_memory
 
+_NICE = 10
+
 
 def _init_worker() -> None:
     """Pool initializer: leave shutdown to the server, end this worker when
-    the server process dies, and keep freed memory (server/memory.py).
+    the server process dies, keep freed memory (server/memory.py), and
+    yield the CPU to the server process.
 
     Ctrl-C reaches the whole process group; the server shuts the pool down
     in order, so a worker ignores SIGINT rather than dying mid-task with a
@@ -29,6 +32,9 @@ def _init_worker() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     keep_freed_memory()
+    # Background work: when the cores are busy, the server process, which
+    # answers RPCs and runs requests, goes first.
+    os.nice(_NICE)
     parent = multiprocessing.parent_process()
     if parent is None:
         return
