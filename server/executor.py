@@ -325,14 +325,14 @@ class Executor:
             # unsaved results are lost (and re-run) if the process dies, so
             # they must stay bounded by the model's concurrency.
             if len(items) > 1:
-                if run.kind is BatchKind.GENERATE:
-                    outcomes = await self._execute_bulk(model, run, items)
-                else:
-                    outcomes = [await self._execute(model, run, item) for item in items]
                 # A chunk is a group already. Committing it at once, rather
                 # than through the writer task, starts the transaction on the
                 # store's thread now, while other workers answer their chunks.
-                await self._persist(outcomes)
+                answers = await self._execute_bulk(model, items) if run.kind is BatchKind.GENERATE else None
+                if answers is not None:
+                    await self._persist_answers(run.batch_id, items, answers)
+                else:
+                    await self._persist([await self._execute(model, run, item) for item in items])
             else:
                 committed = asyncio.get_running_loop().create_future()
                 self._results.put_nowait(([await self._execute(model, run, items[0])], committed))
@@ -343,9 +343,10 @@ class Executor:
                 done_without_yield = 0
                 await asyncio.sleep(0)
 
-    async def _execute_bulk(self, model: ModelRuntime, run: _Run, items: list[PendingItem]) -> list[Outcome]:
-        """One bulk call for several requests; any failure falls back to the
-        per-request path, which owns retries and error reporting."""
+    async def _execute_bulk(self, model: ModelRuntime, items: list[PendingItem]) -> list[bytes] | None:
+        """The answers of one bulk call for several requests, or None on any
+        failure: then the per-request path, which owns retries and error
+        reporting, runs them."""
         assert model.raw_generate_many is not None
         task = asyncio.current_task()
         assert task is not None
@@ -362,10 +363,7 @@ class Executor:
             results = None
         finally:
             self._deadlines.pop(task, None)
-        if results is None or len(results) != len(items):
-            return [await self._execute(model, run, item) for item in items]
-        batch_id, ok = run.batch_id, ItemStatus.SUCCEEDED
-        return [Outcome(batch_id, item.idx, ok, result) for item, result in zip(items, results, strict=True)]
+        return results if results is not None and len(results) == len(items) else None
 
     async def _execute(self, model: ModelRuntime, run: _Run, item: PendingItem) -> Outcome:
         settings = self._settings
@@ -462,8 +460,21 @@ class Executor:
             log.exception("persisting %d results failed", len(outcomes))
             return
         for batch in touched.values():
-            if not batch.closed and batch.pending == 0:
-                self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
+            self._finish_if_complete(batch)
+
+    async def _persist_answers(self, batch_id: str, items: list[PendingItem], answers: list[bytes]) -> None:
+        """_persist for a bulk call's answers, kept in columns."""
+        try:
+            batch = await self._store.record_results(batch_id, ItemStatus.SUCCEEDED, [i.idx for i in items], answers)
+        except Exception:
+            log.exception("persisting %d results failed", len(answers))
+            return
+        if batch is not None:
+            self._finish_if_complete(batch)
+
+    def _finish_if_complete(self, batch: Batch) -> None:
+        if not batch.closed and batch.pending == 0:
+            self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
 
     # -- ending batches -------------------------------------------------------------
 

@@ -100,6 +100,12 @@ class Store(Protocol):
         never counted twice. Returns the touched batches after the write.
         """
 
+    async def record_results(self, batch_id: str, status: ItemStatus, idxs: Sequence[int],
+                             results: Sequence[bytes]) -> Batch | None:
+        """record_outcomes for results of one batch with one status, given
+        as columns (the executor's bulk path: no object per result). Returns
+        the batch after the write, or None if it takes no more results."""
+
     async def close_batch(self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus) -> Batch | None:
         """Give a batch its terminal state; its unfinished requests count as
         ``rest`` (and read as ``rest`` from now on).

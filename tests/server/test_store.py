@@ -76,6 +76,19 @@ async def test_outcomes_count_once_and_results_stop_at_first_pending(store: Stor
     assert [p.idx for p in pending] == [2]
 
 
+async def test_results_in_columns_count_once_and_stop_at_close(store: Store) -> None:
+    await store.create_batch(new_batch("c2"), items(600), DAY_US)
+    batch = await store.record_results("c2", ItemStatus.SUCCEEDED, range(0, 600, 2), [b"r%d" % i for i in range(300)])
+    assert batch is not None and (batch.succeeded, batch.pending) == (300, 300)
+    # Delivered again, together with new ones: only the new ones count.
+    batch = await store.record_results("c2", ItemStatus.SUCCEEDED, [0, 1, 3], [b"again", b"r1", b"r3"])
+    assert batch is not None and batch.succeeded == 302
+    rows = await store.results("c2", 0, 5)
+    assert [(r.idx, r.result) for r in rows] == [(0, b"r0"), (1, b"r1"), (2, b"r1"), (3, b"r3"), (4, b"r2")]
+    await store.close_batch("c2", State.CANCELLED, None, ItemStatus.CANCELLED)
+    assert await store.record_results("c2", ItemStatus.SUCCEEDED, [5], [b"late"]) is None
+
+
 async def test_close_keeps_results_counts_the_rest_and_ignores_late_results(store: Store) -> None:
     await store.create_batch(new_batch("d1"), items(10), DAY_US)
     await store.record_outcomes([Outcome("d1", i, ItemStatus.SUCCEEDED, b"r") for i in range(3)])
