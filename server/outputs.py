@@ -42,7 +42,9 @@ _READ_ROWS = 500
 """Rows a worker reads and renders at a time within its range."""
 _POOL_MIN = 2 * _RENDER_PAGE
 _DRAFT_POLL_S = 0.05
-"""How often a draft looks again for a finished page while none is."""
+_DRAFT_POLL_MAX_S = 0.25
+"""How often a draft looks again for a finished page while none is: from
+every 50 ms, backing off to every 250 ms."""
 # Get and Wait carry the output twice (metadata.output and response), plus
 # the batch itself: keep room for both under the client's receive limit.
 _COPIES = 2
@@ -102,6 +104,7 @@ class Outputs:
         kind, count = batch.kind.value, batch.request_count
         lo = 0  # the first request not yet handed to a worker
         pending: deque[tuple[int, asyncio.Future[bytes]]] = deque()
+        wait = _DRAFT_POLL_S
         try:
             while lo < count or pending:
                 while not draft.closing.is_set() and lo < count and len(pending) < _RENDER_AHEAD:
@@ -110,6 +113,7 @@ class Outputs:
                         break
                     pending.append((hi, loop.run_in_executor(pool, render_range, reader, kind, None, lo, hi)))
                     lo = hi
+                    wait = _DRAFT_POLL_S
                 if pending:
                     hi, rendered = pending[0]
                     data = await rendered
@@ -120,7 +124,9 @@ class Outputs:
                     return
                 else:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(draft.closing.wait(), _DRAFT_POLL_S)
+                        await asyncio.wait_for(draft.closing.wait(), wait)
+                    # A slow batch is looked at less often.
+                    wait = min(2 * wait, _DRAFT_POLL_MAX_S)
         finally:
             for _, rendered in pending:
                 rendered.cancel()
@@ -129,7 +135,7 @@ class Outputs:
         draft = self._drafts.pop(batch_id, None)
         if draft is not None:
             draft.task.cancel()
-            draft.task.add_done_callback(lambda _: draft.file.abort())
+            draft.task.add_done_callback(draft.dropped)
 
     async def close(self) -> None:
         """Stop every draft and drop its bytes (the batches resume, and draft
@@ -277,6 +283,13 @@ class _Draft:
         """Requests whose lines are in the file (always a prefix)."""
         self.closing = asyncio.Event()
         self.task: asyncio.Task[None]
+
+    def dropped(self, task: asyncio.Task[None]) -> None:
+        """Done callback of a discarded draft: drop its bytes, and mark a
+        failure as seen (the batch needs no output)."""
+        self.file.abort()
+        if not task.cancelled():
+            task.exception()
 
 
 _Line = tuple[str, bytes | None, int, bytes]
