@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 
 import orjson
@@ -49,7 +49,10 @@ every 50 ms, backing off to every 250 ms."""
 # the batch itself: keep room for both under the client's receive limit.
 _COPIES = 2
 _HEADROOM = 64 << 10
-_RESPONSE_JSON = {BatchKind.GENERATE: jsonout.generate_response, BatchKind.EMBED: jsonout.embed_response}
+_RESPONSE_JSON: dict[BatchKind, Callable[[bytes], bytes]] = {
+    BatchKind.GENERATE: jsonout.generate_response_json,
+    BatchKind.EMBED: lambda data: orjson.dumps(jsonout.embed_response(data)),
+}
 
 
 class Outputs:
@@ -325,19 +328,22 @@ def render_range(reader: ResultReader, kind: str, rest: tuple[int, bytes] | None
 
 def render_lines(kind: str, rows: list[_Line]) -> bytes:
     """JSONL lines ``{"key", ["metadata",] "response" | "error"}`` for a
-    ``kind`` (BatchKind value) batch's rows; runs in a worker process."""
+    ``kind`` (BatchKind value) batch's rows; runs in a worker process.
+
+    Each line is its parts' JSON joined: orjson writes an object as exactly
+    that, so the response need never be a dict (see generate_response_json).
+    """
     response_json = _RESPONSE_JSON[BatchKind(kind)]
     succeeded = ItemStatus.SUCCEEDED.value
     dumps = orjson.dumps
     out = []
     for key, metadata, status, result in rows:
-        line: dict[str, object] = {"key": key}
+        head = b'{"key":' + dumps(key)
         if metadata is not None:
-            line["metadata"] = jsonout.struct(metadata)
+            head += b',"metadata":' + dumps(jsonout.struct(metadata))
         if status == succeeded:
-            line["response"] = response_json(result)
+            out.append(head + b',"response":' + response_json(result) + b"}")
         else:
-            line["error"] = jsonout.status(result)
-        out.append(dumps(line))
+            out.append(head + b',"error":' + dumps(jsonout.status(result)) + b"}")
     out.append(b"")
     return b"\n".join(out)
