@@ -97,7 +97,11 @@ def _one_text_candidate(data: bytes) -> bytes | None:
     """The JSON of ``{candidates: [{content: {parts: [{text}], role},
     finish_reason}], usage_metadata, model_version}`` as upb serializes it
     (each field present or not, in field order), or None for any other
-    bytes, valid or not."""
+    bytes, valid or not.
+
+    Everything after the text (role, finish reason, usage, version) repeats
+    from answer to answer; its JSON is computed once per distinct tail.
+    """
     end = len(data)
     if end < 2 or data[0] != 0x0A:
         return None
@@ -116,9 +120,34 @@ def _one_text_candidate(data: bytes) -> bytes | None:
     n, p = _varint(data, p + 1)
     if p + n != part_end:
         return None
+    key = (data[part_end:], content_end - part_end, candidate_end - part_end)
+    tail = _TAILS.get(key, _UNSEEN)
+    if tail is _UNSEEN:
+        if len(_TAILS) >= _TAILS_MAX:
+            _TAILS.clear()
+        tail = _TAILS[key] = _tail_json(*key)
+    if tail is None:
+        return None
     try:
-        out = [b'{"candidates":[{"content":{"parts":[{"text":', orjson.dumps(data[p:part_end].decode()), b"}]"]
-        p = part_end
+        text = orjson.dumps(data[p:part_end].decode())
+    except UnicodeDecodeError:
+        return None
+    return b'{"candidates":[{"content":{"parts":[{"text":' + text + tail
+
+
+_UNSEEN = b""
+_TAILS: dict[tuple[bytes, int, int], bytes | None] = {}
+_TAILS_MAX = 4096
+
+
+def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | None:
+    """The JSON after the text for ``data``, the bytes after the Part, whose
+    Content ends at ``content_end`` and Candidate at ``candidate_end``; None
+    if they are not the rest of a one-text-candidate answer."""
+    end = len(data)
+    out = [b"}]"]
+    p = 0
+    try:
         if p < content_end:
             if data[p] != 0x12:  # Content.role
                 return None
@@ -127,44 +156,41 @@ def _one_text_candidate(data: bytes) -> bytes | None:
                 return None
             if n:
                 out += (b',"role":', orjson.dumps(data[p:content_end].decode()))
+        out.append(b"}")
+        p = content_end
+        if p < candidate_end:
+            if data[p] != 0x10:  # Candidate.finish_reason, and nothing after it
+                return None
+            finish, p = _varint(data, p + 1)
+            if p != candidate_end or not 0 < finish <= _INT32_MAX:
+                return None
+            out += (b',"finishReason":', _FINISH_JSON.get(finish) or str(finish).encode())
+        out.append(b"}]")
+        p = candidate_end
+        if p < end and data[p] == 0x12:  # usage_metadata
+            n, p = _varint(data, p + 1)
+            usage_end = p + n
+            if usage_end > end:
+                return None
+            fields = []
+            for tag, name in _USAGE_FIELDS:
+                if p < usage_end and data[p] == tag:
+                    value, p = _varint(data, p + 1)
+                    if not 0 < value <= _INT32_MAX:
+                        return None
+                    fields.append(name + str(value).encode())
+            if p != usage_end:
+                return None
+            out += (b',"usageMetadata":{', b",".join(fields), b"}")
+        if p < end and data[p] == 0x22:  # model_version
+            n, p = _varint(data, p + 1)
+            if p + n != end:
+                return None
+            if n:
+                out += (b',"modelVersion":', orjson.dumps(data[p:end].decode()))
+            p = end
     except UnicodeDecodeError:
         return None
-    out.append(b"}")
-    p = content_end
-    if p < candidate_end:
-        if data[p] != 0x10:  # Candidate.finish_reason, and nothing after it
-            return None
-        finish, p = _varint(data, p + 1)
-        if p != candidate_end or not 0 < finish <= _INT32_MAX:
-            return None
-        out += (b',"finishReason":', _FINISH_JSON.get(finish) or str(finish).encode())
-    out.append(b"}]")
-    p = candidate_end
-    if p < end and data[p] == 0x12:  # usage_metadata
-        n, p = _varint(data, p + 1)
-        usage_end = p + n
-        if usage_end > end:
-            return None
-        fields = []
-        for tag, name in _USAGE_FIELDS:
-            if p < usage_end and data[p] == tag:
-                value, p = _varint(data, p + 1)
-                if not 0 < value <= _INT32_MAX:
-                    return None
-                fields.append(name + str(value).encode())
-        if p != usage_end:
-            return None
-        out += (b',"usageMetadata":{', b",".join(fields), b"}")
-    if p < end and data[p] == 0x22:  # model_version
-        n, p = _varint(data, p + 1)
-        if p + n != end:
-            return None
-        if n:
-            try:
-                out += (b',"modelVersion":', orjson.dumps(data[p:end].decode()))
-            except UnicodeDecodeError:
-                return None
-        p = end
     if p != end:
         return None
     out.append(b"}")
