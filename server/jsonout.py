@@ -123,9 +123,11 @@ def _one_text_candidate(data: bytes) -> bytes | None:
     key = (data[part_end:], content_end - part_end, candidate_end - part_end)
     tail = _TAILS.get(key, _UNSEEN)
     if tail is _UNSEEN:
-        if len(_TAILS) >= _TAILS_MAX:
-            _TAILS.clear()
-        tail = _TAILS[key] = _tail_json(*key)
+        tail = _tail_json(*key)
+        if len(key[0]) <= _TAIL_MAX_BYTES:  # a long one (more candidates, say) is rarely seen twice
+            if len(_TAILS) >= _TAILS_MAX:
+                _TAILS.clear()
+            _TAILS[key] = tail
     if tail is None:
         return None
     try:
@@ -138,6 +140,7 @@ def _one_text_candidate(data: bytes) -> bytes | None:
 _UNSEEN = b""
 _TAILS: dict[tuple[bytes, int, int], bytes | None] = {}
 _TAILS_MAX = 4096
+_TAIL_MAX_BYTES = 256
 
 
 def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | None:
