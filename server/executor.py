@@ -45,6 +45,7 @@ log = logging.getLogger("longbatch.executor")
 _REFILL = 1024
 _YIELD_EVERY = 64
 _CANCEL_WAIT_S = 2.0
+_RESTART_S = 0.5
 _BULK_MAX = 512
 # What a batch's unfinished requests count as when it ends in each state.
 _REST = {
@@ -96,6 +97,8 @@ class _Run:
     exhausted: bool = False
     refilling: bool = False
     started: bool = False
+    reads: int = 0
+    """Bumped when the run is to be read again from its start."""
 
 
 class _ModelQueue:
@@ -176,7 +179,7 @@ class Executor:
         for name, model in self._models.items():
             workers = -(-model.max_concurrency // model.chunk)
             for i in range(workers):
-                self._workers.append(asyncio.create_task(self._worker(name, model), name=f"worker-{name}-{i}"))
+                self._workers.append(asyncio.create_task(self._supervised(name, model), name=f"worker-{name}-{i}"))
         self._sweeper = asyncio.create_task(self._expire_loop(), name="longbatch-expiry")
         self._watchdog_task = asyncio.create_task(self._watchdog(), name="longbatch-watchdog")
 
@@ -291,6 +294,7 @@ class Executor:
         return None
 
     async def _refill(self, run: _Run, queue: _ModelQueue) -> None:
+        reads = run.reads
         try:
             if not run.started:
                 run.started = True
@@ -302,7 +306,7 @@ class Executor:
             run.refilling = False
             queue.wakeup.set()
             return
-        if self._runs.get(run.batch_id, (None,))[0] is run:
+        if self._runs.get(run.batch_id, (None,))[0] is run and run.reads == reads:
             run.buffer.extend(items)
             if items:
                 run.cursor = items[-1].idx + 1
@@ -314,6 +318,30 @@ class Executor:
         queue.wakeup.set()
 
     # -- running requests -------------------------------------------------------
+
+    async def _supervised(self, model_name: str, model: ModelRuntime) -> None:
+        """Run a worker; if a fault of ours kills it, log it and start over.
+
+        The requests it held are PENDING in the store but no longer buffered,
+        so every run of the model is read again from its first unfinished
+        request (one in flight elsewhere may run twice; the first result
+        wins and counts). Without this a batch would wait forever, silently.
+        """
+        while not self._stopping:
+            try:
+                await self._worker(model_name, model)
+                return
+            except Exception:
+                log.exception("a worker of %s failed; restarting it, and reading its batches again", model_name)
+            queue = self._queues[model_name]
+            for run, run_queue in self._runs.values():
+                if run_queue is queue:
+                    run.reads += 1  # a read under way now brings stale rows: dropped
+                    run.buffer.clear()
+                    run.cursor, run.exhausted = 0, False
+                    if run not in queue.runs:  # fully dispatched, so out of the queue
+                        queue.add(run)
+            await asyncio.sleep(_RESTART_S)
 
     async def _worker(self, model_name: str, model: ModelRuntime) -> None:
         queue = self._queues[model_name]

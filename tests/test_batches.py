@@ -11,6 +11,8 @@ import pytest
 from google.longrunning import operations_pb2
 from google.protobuf import field_mask_pb2
 
+from longbatch.server.domain import PendingItem
+from longbatch.server.executor import Executor
 from longbatch.v1 import batch_pb2
 
 from support import Stubs, details, embed_batch, generate_batch, metadata_of, wait_done
@@ -214,3 +216,26 @@ async def test_large_output_goes_to_a_responses_file(make_server) -> None:  # ty
         assert not (handle.data_dir / "files" / file_id).exists()
     finally:
         await stubs.channel.close()
+
+
+async def test_a_worker_killed_by_a_fault_of_ours_restarts_and_the_batch_completes(
+    stubs: Stubs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bug that escapes a worker (here: persisting its answers raises) must
+    # not leave the batch waiting forever for the requests that worker held.
+    real = Executor._persist_answers
+    faults = 3
+
+    async def faulty(self: Executor, batch_id: str, items: list[PendingItem], answers: list[bytes]) -> None:
+        nonlocal faults
+        if faults:
+            faults -= 1
+            raise RuntimeError("injected fault")
+        await real(self, batch_id, items, answers)
+
+    monkeypatch.setattr(Executor, "_persist_answers", faulty)
+    op = await stubs.batches.BatchGenerateContent(generate_batch(3000), timeout=10)
+    stats = metadata_of(await wait_done(stubs, op.name, within=30)).batch_stats
+    assert faults == 0
+    assert (stats.successful_request_count, stats.failed_request_count) == (3000, 0)
+    assert caplog.text.count("restarting it") == 3
