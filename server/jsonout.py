@@ -20,6 +20,8 @@ from google.rpc import status_pb2
 
 from longbatch.v1 import content_pb2
 
+from .wire import read_varint
+
 _FINISH = {v.number: v.name for v in content_pb2.FinishReason.DESCRIPTOR.values}
 
 
@@ -105,19 +107,19 @@ def _one_text_candidate(data: bytes) -> bytes | None:
     end = len(data)
     if end < 2 or data[0] != 0x0A:
         return None
-    n, p = _varint(data, 1)
+    n, p = read_varint(data, 1)
     candidate_end = p + n
     if candidate_end > end or p >= candidate_end or data[p] != 0x0A:  # Candidate.content
         return None
-    n, p = _varint(data, p + 1)
+    n, p = read_varint(data, p + 1)
     content_end = p + n
     if content_end > candidate_end or p >= content_end or data[p] != 0x0A:  # Content.parts
         return None
-    n, p = _varint(data, p + 1)
+    n, p = read_varint(data, p + 1)
     part_end = p + n
     if part_end > content_end or p >= part_end or data[p] != 0x12:  # Part.text, alone
         return None
-    n, p = _varint(data, p + 1)
+    n, p = read_varint(data, p + 1)
     if p + n != part_end:
         return None
     key = (data[part_end:], content_end - part_end, candidate_end - part_end)
@@ -154,7 +156,7 @@ def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | Non
         if p < content_end:
             if data[p] != 0x12:  # Content.role
                 return None
-            n, p = _varint(data, p + 1)
+            n, p = read_varint(data, p + 1)
             if p + n != content_end:
                 return None
             if n:
@@ -164,21 +166,21 @@ def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | Non
         if p < candidate_end:
             if data[p] != 0x10:  # Candidate.finish_reason, and nothing after it
                 return None
-            finish, p = _varint(data, p + 1)
+            finish, p = read_varint(data, p + 1)
             if p != candidate_end or not 0 < finish <= _INT32_MAX:
                 return None
             out += (b',"finishReason":', _FINISH_JSON.get(finish) or str(finish).encode())
         out.append(b"}]")
         p = candidate_end
         if p < end and data[p] == 0x12:  # usage_metadata
-            n, p = _varint(data, p + 1)
+            n, p = read_varint(data, p + 1)
             usage_end = p + n
             if usage_end > end:
                 return None
             fields = []
             for tag, name in _USAGE_FIELDS:
                 if p < usage_end and data[p] == tag:
-                    value, p = _varint(data, p + 1)
+                    value, p = read_varint(data, p + 1)
                     if not 0 < value <= _INT32_MAX:
                         return None
                     fields.append(name + str(value).encode())
@@ -186,7 +188,7 @@ def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | Non
                 return None
             out += (b',"usageMetadata":{', b",".join(fields), b"}")
         if p < end and data[p] == 0x22:  # model_version
-            n, p = _varint(data, p + 1)
+            n, p = read_varint(data, p + 1)
             if p + n != end:
                 return None
             if n:
@@ -201,24 +203,6 @@ def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | Non
 
 
 _USAGE_FIELDS = ((0x08, b'"promptTokenCount":'), (0x10, b'"candidatesTokenCount":'), (0x18, b'"totalTokenCount":'))
-
-
-def _varint(data: bytes, p: int) -> tuple[int, int]:
-    """The varint at ``p`` and the position after it; past the end of
-    ``data`` (which every caller's bounds check refuses) if it is cut."""
-    byte = data[p] if p < len(data) else 0x80
-    if byte < 0x80:
-        return byte, p + 1
-    value = shift = 0
-    end = len(data)
-    while p < end:
-        byte = data[p]
-        p += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, p
-        shift += 7
-    return 0, end + 1
 
 
 def embed_response(data: bytes) -> dict[str, Any]:

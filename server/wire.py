@@ -31,3 +31,20 @@ def length_delimited(number: int, data: bytes) -> bytes:
 def varint_field(number: int, value: int) -> bytes:
     """Field ``number`` holding a non-negative integer."""
     return varint(number << 3) + varint(value)
+
+
+def read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    """The varint at ``pos`` and the position after it; a position past the
+    end of ``data`` (which callers' bounds checks refuse) if it is cut."""
+    end = len(data)
+    if pos < end and data[pos] < 0x80:  # nearly every length on the hot paths
+        return data[pos], pos + 1
+    value = shift = 0
+    while pos < end:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    return 0, end + 1

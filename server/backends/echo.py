@@ -17,7 +17,7 @@ from google.rpc import code_pb2
 
 from longbatch.v1 import content_pb2
 
-from ..wire import length_delimited, tagged, varint, varint_field
+from ..wire import length_delimited, read_varint, tagged, varint, varint_field
 from .base import BackendError
 
 DEFAULT_DIMENSION = 768
@@ -177,20 +177,20 @@ def _plain_prompt(payload: bytes) -> bytes | None:
     end = len(payload)
     if end < 2 or payload[0] != 0x12:
         return None
-    n, pos = _read_length(payload, 1)
+    n, pos = read_varint(payload, 1)
     if pos + n != end:
         return None  # not exactly one field holding one Content
     texts = []
     while pos < end:
         tag = payload[pos]
-        n, start = _read_length(payload, pos + 1)
+        n, start = read_varint(payload, pos + 1)
         pos = start + n
         if pos > end:
             return None
         if tag == 0x0A:  # Content.parts: one Part holding only its text
             if n == 0 or payload[start] != 0x12:
                 return None
-            m, text_at = _read_length(payload, start + 1)
+            m, text_at = read_varint(payload, start + 1)
             if text_at + m != pos:
                 return None
             text = payload[text_at:pos]
@@ -205,20 +205,6 @@ def _plain_prompt(payload: bytes) -> bytes | None:
             except UnicodeDecodeError:
                 return None
     return texts[0] if len(texts) == 1 else b" ".join(texts)
-
-
-def _read_length(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it (past the end if cut)."""
-    value = shift = 0
-    end = len(data)
-    while pos < end:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    return 0, end + 1
 
 
 def hash_vector(seed: bytes, dim: int) -> list[float]:
