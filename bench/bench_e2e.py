@@ -53,7 +53,7 @@ import grpc
 import orjson
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
-from longbatch.v1 import batch_pb2, batch_pb2_grpc, file_pb2, file_pb2_grpc
+from longbatch.v1 import batch_pb2, batch_pb2_grpc, content_pb2, file_pb2, file_pb2_grpc
 
 HOST = "127.0.0.1"
 POLL_S = 0.020
@@ -81,6 +81,10 @@ TARGET_RSS_FLAT = 1.20
 TARGET_GETOP_RATIO = 0.9
 TARGET_GETOP_P99_MS = 40.0
 TARGET_BUSY_RPS = 1_000
+PROBE_EVERY_S = 0.25
+"""While the big batch runs, a small high-priority batch is created this often (a write that
+waits for the store behind the big batch's commits, and work that must jump the queue)."""
+PROBE_REQUESTS = 8
 
 SCRIPT = Path(__file__).resolve()
 OUT_DIR = SCRIPT.parent / "out"
@@ -651,6 +655,47 @@ async def serve_bare(op_bytes: bytes) -> None:
     await server.stop(1)
 
 
+async def probe_small_batches(channel: grpc.aio.Channel, seconds: float) -> dict[str, Any]:
+    """Create a small inline batch at priority 1 every PROBE_EVERY_S for ``seconds`` (a bounded
+    count), each watched to done concurrently: create RPC latency, and create to done."""
+    batches = batch_pb2_grpc.BatchServiceStub(channel)
+    ops = operations_pb2_grpc.OperationsStub(channel)
+    request = batch_pb2.BatchGenerateContentRequest(batch=batch_pb2.GenerateContentBatch(
+        model="models/echo", display_name="bench-probe", priority=1,
+        input_config=batch_pb2.InputConfig(requests=batch_pb2.InlinedRequests(requests=[
+            batch_pb2.InlinedRequest(request=content_pb2.GenerateContentRequest(contents=[content_pb2.Content(
+                role="user", parts=[content_pb2.Part(text=f"probe {i}")])])) for i in range(PROBE_REQUESTS)]))))
+    create_ms: list[float] = []
+    done_ms: list[float] = []
+    errors: list[str] = []
+
+    async def one() -> None:
+        t0 = time.perf_counter()
+        try:
+            op = await batches.BatchGenerateContent(request, timeout=CALL_TIMEOUT_S)
+            create_ms.append((time.perf_counter() - t0) * 1000)
+            wait = operations_pb2.WaitOperationRequest(name=op.name)
+            wait.timeout.FromSeconds(int(CALL_TIMEOUT_S))
+            if not (await ops.WaitOperation(wait, timeout=CALL_TIMEOUT_S + 5)).done:
+                raise BenchError(f"probe {op.name} not done within {CALL_TIMEOUT_S:g} s")
+            done_ms.append((time.perf_counter() - t0) * 1000)
+        except (grpc.aio.AioRpcError, BenchError) as e:
+            errors.append(f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e))
+
+    tasks = []
+    for _ in range(max(1, int(seconds / PROBE_EVERY_S))):
+        tasks.append(asyncio.create_task(one()))
+        await asyncio.sleep(PROBE_EVERY_S)
+    await asyncio.gather(*tasks)
+    create_ms.sort()
+    done_ms.sort()
+    return {"count": len(tasks), "requests_each": PROBE_REQUESTS, "errors": errors,
+            "create_p50_ms": round(_percentile(create_ms, 50), 2) if create_ms else None,
+            "create_max_ms": round(create_ms[-1], 2) if create_ms else None,
+            "done_p50_ms": round(_percentile(done_ms, 50), 2) if done_ms else None,
+            "done_max_ms": round(done_ms[-1], 2) if done_ms else None}
+
+
 async def load_suite(largest: SizeRun, seconds: float, work: Path) -> dict[str, Any]:
     """(i) idle longbatch, (iii) bare grpc.aio with the same reply, (ii) longbatch while a big batch runs."""
     result: dict[str, Any] = {"concurrency": CONCURRENCY, "seconds": seconds}
@@ -685,9 +730,11 @@ async def load_suite(largest: SizeRun, seconds: float, work: Path) -> dict[str, 
         before = unpack_batch(op)
         largest.sampler.phase = "load-busy"
         t0 = time.perf_counter()
+        probes = asyncio.create_task(probe_small_batches(channel, seconds))
         busy = await run_load(largest.target, created.name, seconds, work / "load-busy.log",
                               largest.server.pid)
         elapsed = time.perf_counter() - t0
+        busy["small_batches"] = await probes
         after_op = await ops.GetOperation(operations_pb2.GetOperationRequest(name=created.name),
                                           timeout=CALL_TIMEOUT_S)
         after = unpack_batch(after_op)
@@ -837,6 +884,11 @@ def render(report: dict[str, Any]) -> str:
         parts.append(f"busy batch: {busy['state_at_load_start']} at load start, ran the whole window: "
                      f"{'yes' if busy['running_whole_window'] else 'no'}, {busy['batch_progress_during_load']:,} "
                      f"requests finished during the load ({busy['batch_exec_req_s_under_load']:,} req/s)")
+        if (small := busy.get("small_batches")) is not None:
+            parts.append(f"meanwhile {small['count']} small batches ({small['requests_each']} requests, priority 1): "
+                         f"create RPC p50 {small['create_p50_ms']} ms, max {small['create_max_ms']} ms; "
+                         f"create to done p50 {small['done_p50_ms']} ms, max {small['done_max_ms']} ms; "
+                         f"{len(small['errors'])} errors")
         if (cancel := busy.get("cancel")) is not None:
             parts.append("busy batch clean-up: CancelOperation " + (
                 f"failed after {cancel['after_s']} s: {cancel['error']}" if "error" in cancel else

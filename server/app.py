@@ -116,7 +116,8 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
         return await ingest(batch, files.path(batch.input_file), config.limits,
                             functools.partial(store.append_requests, batch.id), workers)
 
-    executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input)
+    executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input,
+                        workers)
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
     executor.on_terminal = webhooks.on_terminal
     tokens = PageTokens(await store.secret("page-token-key"))

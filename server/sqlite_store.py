@@ -39,7 +39,17 @@ from .domain import (
     StoredFile,
     now_us,
 )
-from .store import DeliveryStatus, Purged, RawResult, ResultReader, StoreConflict, WebhookDelivery
+from .store import (
+    Answerer,
+    DeliveryStatus,
+    Purged,
+    RangeRun,
+    RangeRunner,
+    RawResult,
+    ResultReader,
+    StoreConflict,
+    WebhookDelivery,
+)
 
 # Each entry upgrades the schema by one version (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (
@@ -173,6 +183,45 @@ def read_result_rows(path: str, batch_seq: int, lo: int, hi: int) -> list[RawRes
     return conn.execute(
         f"{_RESULT_ROWS} WHERE r.batch_seq = ? AND r.idx >= ? AND r.idx < ? ORDER BY r.idx", (batch_seq, lo, hi),
     ).fetchall()
+
+
+# Write connections of worker processes that run requests, by database path.
+_worker_writers: dict[str, sqlite3.Connection] = {}
+_PENDING_IN_RANGE = (
+    "SELECT r.idx, r.payload FROM requests r WHERE r.batch_seq = ? AND r.idx >= ? AND r.idx < ? AND NOT EXISTS "
+    "(SELECT 1 FROM results x WHERE x.batch_seq = r.batch_seq AND x.idx = r.idx) ORDER BY r.idx"
+)
+
+
+def run_range(path: str, batch_id: str, batch_seq: int, lo: int, hi: int, answer: Answerer) -> RangeRun:
+    """A ``RangeRunner`` (see store.py) for worker processes.
+
+    The read runs outside the write transaction, so two runs of one range
+    may answer the same requests; the first commit wins and counts, as with
+    ``record_results``. Writers in other processes wait on SQLite's write
+    lock (busy_timeout), and a closed batch takes nothing: the check runs
+    inside the transaction, so a Cancel and this commit are ordered by it.
+    """
+    conn = _worker_writers.get(path)
+    if conn is None:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        for pragma in _PRAGMAS:
+            conn.execute(pragma)
+        _worker_writers[path] = conn
+    rows = conn.execute(_PENDING_IN_RANGE, (batch_seq, lo, hi)).fetchall()
+    if not rows:
+        return RangeRun(True, None)
+    try:
+        answers = answer([r[1] for r in rows])
+    except Exception:
+        # The caller runs the range again its own way, which reports each
+        # request's error; an exception sent back could fail to unpickle.
+        return RangeRun(False, None)
+    if len(answers) != len(rows):
+        return RangeRun(False, None)
+    record = functools.partial(
+        SQLiteStore._record_tx, [(batch_id, ItemStatus.SUCCEEDED, [r[0] for r in rows], answers)])
+    return RangeRun(True, _transaction(conn, record).get(batch_id))
 
 
 _pending_item: Callable[[Sequence[object]], PendingItem] = functools.partial(tuple.__new__, PendingItem)
@@ -682,6 +731,10 @@ class SQLiteStore:
     def result_reader(self, batch: Batch) -> ResultReader:
         """See Store: rows of ``batch`` read by ``read_result_rows``."""
         return functools.partial(read_result_rows, str(self._path), batch.seq)
+
+    def range_runner(self, batch: Batch) -> RangeRunner:
+        """See Store: ranges of ``batch`` run by ``run_range``."""
+        return functools.partial(run_range, str(self._path), batch.id, batch.seq)
 
     async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
         """See Store: a range scan of the results key."""

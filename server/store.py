@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .domain import Batch, ItemStatus, NewBatch, NewItem, Outcome, PendingItem, ResultRow, State, StoredFile
 
@@ -19,6 +19,25 @@ RawResult = tuple[int, str, bytes | None, int, bytes | None]
 """A stored request as a worker process reads it: idx, key, metadata,
 ItemStatus value, result (None while PENDING)."""
 ResultReader = Callable[[int, int], list[RawResult]]
+Answerer = Callable[[list[bytes]], list[bytes]]
+"""Serialized responses to serialized requests, one each, in order."""
+
+
+class RangeRun(NamedTuple):
+    """What a ``RangeRunner`` did."""
+
+    answered: bool
+    """False when the answerer failed (raised, or gave a wrong count):
+    nothing was written, and the range is the caller's to run another way."""
+    batch: Batch | None
+    """The batch after the write; None when nothing was left to write or
+    the batch takes no more results."""
+
+
+RangeRunner = Callable[[int, int, Answerer], RangeRun]
+"""Runs the PENDING requests of one batch with ``lo <= idx < hi`` from any
+process: reads them, answers them all in one call, and records the answers
+(SUCCEEDED) and the counters in one transaction."""
 
 
 class Store(Protocol):
@@ -129,6 +148,11 @@ class Store(Protocol):
         """A picklable function that reads ``batch``'s rows with
         ``lo <= idx < hi`` from any process, for rendering outputs in worker
         processes; None when the store cannot be read from elsewhere."""
+
+    def range_runner(self, batch: Batch) -> RangeRunner | None:
+        """A picklable function that runs ranges of ``batch``'s requests in
+        a worker process (see ``RangeRunner``); None when the store cannot
+        be written from elsewhere."""
 
     async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
         """How many of ``batch``'s requests with ``lo <= idx < hi`` have a

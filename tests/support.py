@@ -18,6 +18,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from longbatch.server.backends.echo import answer_many
 from longbatch.v1 import batch_pb2, batch_pb2_grpc, content_pb2, model_pb2_grpc
 
 
@@ -195,3 +196,22 @@ class ServerProcess:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
             await asyncio.wait_for(self.proc.wait(), 10)
+
+
+# -- answerers for worker processes (importable there, so picklable) -------------
+
+
+def slow_echo(delay_s: float, payloads: list[bytes]) -> list[bytes]:
+    """Echo's bulk answers after a pause: keeps a range in flight long enough to cancel."""
+    time.sleep(delay_s)
+    return answer_many("echo-1", payloads)
+
+
+def refuse(payloads: list[bytes]) -> list[bytes]:
+    """An answerer that fails every range."""
+    raise RuntimeError("this answerer refuses every range")
+
+
+def broken_runner(lo: int, hi: int, answer: object) -> object:
+    """A range runner that fails in the worker process as the store might (full disk, say)."""
+    raise sqlite3.OperationalError("disk I/O error (injected)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from google.rpc import code_pb2
@@ -56,6 +57,23 @@ class BulkGenerate(Protocol):
 
     async def generate_raw_many(self, payloads: list[bytes]) -> list[bytes]:
         """Serialized responses, one per payload, in order."""
+
+
+@runtime_checkable
+class PortableGenerate(Protocol):
+    """Optional: bulk generation that can run in another process.
+
+    For a CPU-bound local model (echo) the executor hands whole ranges of a
+    batch to the server's worker processes, which read the requests, answer
+    them with this function and record the results themselves: the server
+    process, which answers RPCs, only schedules. A remote model gains
+    nothing from this (its time is spent waiting) and does not offer it.
+    """
+
+    def portable_generate(self) -> Callable[[list[bytes]], list[bytes]] | None:
+        """A picklable function from serialized requests to serialized
+        responses, one per request in order (raising on any it cannot
+        answer), or None when this instance cannot offer one."""
 
 
 class Backend(Protocol):

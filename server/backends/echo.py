@@ -9,9 +9,11 @@ is not a language model.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 import struct
+from collections.abc import Callable
 
 from google.rpc import code_pb2
 
@@ -116,6 +118,11 @@ class EchoBackend:
         answer = self._answer_raw
         return [answer(p) for p in payloads]
 
+    def portable_generate(self) -> Callable[[list[bytes]], list[bytes]] | None:
+        """``generate_raw_many`` as a picklable function for worker processes
+        (see PortableGenerate); None with simulated latency."""
+        return None if self._latency_s else functools.partial(answer_many, self._version)
+
     async def embed(self, request: content_pb2.EmbedContentRequest) -> content_pb2.EmbedContentResponse:
         """A unit vector that depends only on the text, title and task type."""
         if self._latency_s:
@@ -132,6 +139,18 @@ class EchoBackend:
 
     async def aclose(self) -> None:
         """Nothing to release."""
+
+
+@functools.cache
+def _echo(model_version: str) -> EchoBackend:
+    return EchoBackend(model_version=model_version)
+
+
+def answer_many(model_version: str, payloads: list[bytes]) -> list[bytes]:
+    """Echo's answers to serialized requests, in order; raises BackendError
+    on a request it cannot answer. Runs in worker processes."""
+    answer = _echo(model_version)._answer_raw
+    return [answer(p) for p in payloads]
 
 
 _parse_request = content_pb2.GenerateContentRequest.FromString
