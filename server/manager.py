@@ -79,12 +79,14 @@ class BatchManager:
         elif batch.kind is not valid.kind:
             raise InvalidArgument(f"request_id was already used for {batch.name}, a {batch.kind.value} batch",
                                   reason="REQUEST_ID_REUSED", violations=[("request_id", "already used")])
-        return await self._view(batch)
+        return await self.view(batch)
 
-    async def _view(self, batch: Batch) -> BatchView:
+    async def view(self, batch: Batch) -> BatchView:
+        """``batch`` with its output once done."""
         return BatchView(batch, await self._outputs.output(batch))
 
-    async def _get(self, tenant: str, batch_id: str) -> Batch:
+    async def get_batch(self, tenant: str, batch_id: str) -> Batch:
+        """The tenant's batch with live stats, or NotFound."""
         batch = await self._store.get_batch(tenant, batch_id)
         if batch is None:
             raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
@@ -92,7 +94,7 @@ class BatchManager:
 
     async def get(self, tenant: str, batch_id: str) -> BatchView:
         """The batch with live stats, and its output once done."""
-        return await self._view(await self._get(tenant, batch_id))
+        return await self.view(await self.get_batch(tenant, batch_id))
 
     async def list(self, tenant: str, collection: str, filter_text: str, page_size: int,
                    page_token: str) -> tuple[list[Batch], str]:
@@ -117,7 +119,7 @@ class BatchManager:
     async def update(self, tenant: str, batch_id: str, kind_expected: str, display_name: str | None,
                      priority: int | None) -> BatchView:
         """Change display name (any time) and/or priority (only while not done)."""
-        batch = await self._get(tenant, batch_id)
+        batch = await self.get_batch(tenant, batch_id)
         if batch.kind.value != kind_expected:
             raise InvalidArgument(f"{batch.name} is a {batch.kind.value} batch; use the matching Update method",
                                   reason="WRONG_BATCH_KIND", violations=[("batch.name", "wrong batch kind")])
@@ -129,11 +131,11 @@ class BatchManager:
             raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
         if priority is not None:
             self._executor.reprioritize(batch_id, priority)
-        return await self._view(updated)
+        return await self.view(updated)
 
     async def cancel(self, tenant: str, batch_id: str) -> None:
         """Cancel a batch that is not done; no-op on a done one."""
-        batch = await self._get(tenant, batch_id)
+        batch = await self.get_batch(tenant, batch_id)
         if not batch.done:
             await self._executor.cancel(batch_id)
 
@@ -154,21 +156,21 @@ class BatchManager:
         """Return once the batch is done or ``timeout_s`` has passed."""
         waiter = self._notifier.subscribe(batch_id)
         try:
-            batch = await self._get(tenant, batch_id)
+            batch = await self.get_batch(tenant, batch_id)
             if not batch.done and timeout_s > 0:
                 try:
                     await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
                 except TimeoutError:
                     pass
-                batch = await self._get(tenant, batch_id)
+                batch = await self.get_batch(tenant, batch_id)
         finally:
             self._notifier.unsubscribe(batch_id, waiter)
-        return await self._view(batch)
+        return await self.view(batch)
 
     async def results(self, tenant: str, batch_id: str, start_index: int) -> tuple[Batch, AsyncIterator[ResultRow]]:
         """The batch and its finished results in order from ``start_index``."""
         if start_index < 0:
             raise InvalidArgument("start_index must not be negative",
                                   violations=[("start_index", "must not be negative")])
-        batch = await self._get(tenant, batch_id)
+        batch = await self.get_batch(tenant, batch_id)
         return batch, self._outputs.rows(batch, start_index)

@@ -18,7 +18,7 @@ import functools
 import itertools
 import secrets
 import sqlite3
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -213,11 +213,12 @@ def run_range(path: str, batch_id: str, batch_seq: int, lo: int, hi: int, answer
         return RangeRun(True, None)
     try:
         answers = answer([r[1] for r in rows])
+        fits = isinstance(answers, list) and len(answers) == len(rows) and all(type(a) is bytes for a in answers)
     except Exception:
         # The caller runs the range again its own way, which reports each
         # request's error; an exception sent back could fail to unpickle.
-        return RangeRun(False, None)
-    if len(answers) != len(rows):
+        fits = False
+    if not fits:
         return RangeRun(False, None)
     record = functools.partial(
         SQLiteStore._record_tx, [(batch_id, ItemStatus.SUCCEEDED, [r[0] for r in rows], answers)])
@@ -247,6 +248,7 @@ _APPEND_REQUESTS = ("INSERT INTO requests (batch_seq, idx, key, metadata, payloa
 # The values are (idx, result) rows; seq and status come once per statement.
 _RECORD_RESULTS = ("INSERT OR IGNORE INTO results (batch_seq, idx, status, result) "
                    "SELECT ?, column1, ?, column2 FROM (VALUES {values})")
+_DONE_KEPT = 4096  # done batches kept in memory (a few hundred bytes each)
 _VALUES_MAX = 512  # rows per multi-row statement; 5 columns stay far below SQLite's 32766 variables
 _PRAGMAS = (
     "PRAGMA journal_mode = WAL",
@@ -344,6 +346,10 @@ class SQLiteStore:
         self._wpool: ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
         self._quick: sqlite3.Connection | None = None
+        # Done batches by id. A done batch changes only through this store
+        # (rename, delete, purge: each drops it here once committed), so
+        # polling one costs no query. Worker processes never touch it.
+        self._done: OrderedDict[str, Batch] = OrderedDict()
 
     async def open(self) -> None:
         """Connect, set pragmas and run pending migrations."""
@@ -508,10 +514,21 @@ class SQLiteStore:
 
     async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
         """The batch, scoped to ``tenant`` unless it is None."""
-        row = self._quick_one(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,))
-        if row is None or (tenant is not None and row[2] != tenant):
-            return None
-        return _batch(row)
+        batch = self._done.get(batch_id)
+        if batch is not None:
+            self._done.move_to_end(batch_id)
+        else:
+            # Read and kept with no await in between: a change committed
+            # meanwhile is dropped from _done only after this returns.
+            row = self._quick_one(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = ?", (batch_id,))
+            if row is None:
+                return None
+            batch = _batch(row)
+            if batch.done:
+                self._done[batch_id] = batch
+                if len(self._done) > _DONE_KEPT:
+                    self._done.popitem(last=False)
+        return None if tenant is not None and batch.tenant != tenant else batch
 
     async def list_batches(
         self, tenant: str, where: str, params: Sequence[object], before_seq: int | None, limit: int
@@ -545,6 +562,7 @@ class SQLiteStore:
             ).fetchone()
 
         row = await self._write(tx)
+        self._done.pop(batch_id, None)
         return _batch(row) if row else None
 
     async def delete_batch(self, tenant: str, batch_id: str) -> list[str] | None:
@@ -566,7 +584,10 @@ class SQLiteStore:
                 conn.execute("DELETE FROM files WHERE id = ?", (output_file,))
             return [output_file] if output_file else []
 
-        return await self._write(tx)
+        try:
+            return await self._write(tx)
+        finally:
+            self._done.pop(batch_id, None)
 
     async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes]) -> None:
         """Add requests read from a batch's input file, in one transaction (see Store)."""
@@ -800,7 +821,10 @@ class SQLiteStore:
                 batch_ids.append(batch_id)
             return Purged(batch_ids, file_ids, more)
 
-        return await self._write(tx)
+        purged = await self._write(tx)
+        for batch_id in purged.batch_ids:
+            self._done.pop(batch_id, None)
+        return purged
 
     # -- files --------------------------------------------------------------
 

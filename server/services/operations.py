@@ -10,6 +10,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
 from .. import convert
+from ..domain import Batch
 from ..edge import current_tenant
 from ..errors import InvalidArgument, Unimplemented
 from ..manager import DEFAULT_WAIT_S, MAX_WAIT_S, BatchManager, BatchView
@@ -28,12 +29,20 @@ class _OperationCache:
         self._max_bytes = max_bytes
         self._ops: OrderedDict[str, tuple[int, operations_pb2.Operation]] = OrderedDict()
 
-    def get(self, view: BatchView) -> operations_pb2.Operation:
-        batch = view.batch
+    def lookup(self, batch: Batch) -> operations_pb2.Operation | None:
+        """The Operation built for this very version of ``batch``, if kept."""
         hit = self._ops.get(batch.id)
         if hit is not None and hit[0] == batch.update_time_us:
             self._ops.move_to_end(batch.id)
             return hit[1]
+        return None
+
+    def get(self, view: BatchView) -> operations_pb2.Operation:
+        """The Operation of ``view``: kept, or built (and kept if small)."""
+        batch = view.batch
+        op = self.lookup(batch)
+        if op is not None:
+            return op
         op = convert.operation(batch, view.output)
         if op.ByteSize() <= self._max_bytes:
             self._ops[batch.id] = (batch.update_time_us, op)
@@ -53,8 +62,10 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
         self, request: operations_pb2.GetOperationRequest, context: Context
     ) -> operations_pb2.Operation:
         """The batch as an operation, with live metadata."""
-        view = await self._manager.get(current_tenant(), parse_name(request.name, "batches"))
-        return self._cache.get(view)
+        batch = await self._manager.get_batch(current_tenant(), parse_name(request.name, "batches"))
+        # A hit needs no output: reading it (a file name or a cached blob)
+        # would cost more than the lookup.
+        return self._cache.lookup(batch) or self._cache.get(await self._manager.view(batch))
 
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: Context

@@ -7,13 +7,17 @@ Run against SQLiteStore today; a second store (PostgreSQL) gets added to the
 from __future__ import annotations
 
 import asyncio
+import functools
+import multiprocessing
+import operator
 import sqlite3
 from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State
+from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State, now_us
 from longbatch.server.sqlite_store import MIGRATIONS, SQLiteStore
 from longbatch.server.store import Store, StoreConflict
 
@@ -135,6 +139,59 @@ async def test_delete_only_when_done(store: Store) -> None:
     assert await store.delete_batch("other", "e1") is None
     assert await store.delete_batch("t", "e1") == []
     assert await store.delete_batch("t", "e1") is None
+
+
+async def test_a_done_batch_reads_as_it_is_after_rename_delete_and_purge(store: Store) -> None:
+    # Reads of done batches may be served from memory: every change must show.
+    for batch_id in ("g1", "g2", "g3"):
+        await store.create_batch(new_batch(batch_id), items(2), DAY_US)
+        await store.close_batch(batch_id, State.CANCELLED, None, ItemStatus.CANCELLED)
+        done = await store.mark_done(batch_id, None)
+        assert (await store.get_batch("t", batch_id)) == done
+        assert (await store.get_batch("t", batch_id)) == done  # twice: from memory now, maybe
+        assert await store.get_batch("other", batch_id) is None
+    renamed = await store.update_batch("t", "g1", display_name="renamed", priority=None)
+    assert renamed is not None
+    got = await store.get_batch("t", "g1")
+    assert got == renamed and got is not None and got.display_name == "renamed"
+    assert await store.delete_batch("t", "g2") == []
+    assert await store.get_batch("t", "g2") is None
+    purged = await store.purge_done_batches(now_us() + DAY_US, max_batches=10, max_requests=100)
+    assert sorted(purged.batch_ids) == ["g1", "g3"]
+    assert await store.get_batch("t", "g1") is None and await store.get_batch(None, "g3") is None
+
+
+async def test_a_range_runner_answers_pending_requests_once_from_another_process(store: Store) -> None:
+    batch, _ = await store.create_batch(new_batch("r1"), items(10), DAY_US)
+    await store.record_results("r1", ItemStatus.SUCCEEDED, [2, 3], [b"earlier", b"earlier"])
+    runner = store.range_runner(batch)
+    assert runner is not None
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        run = functools.partial(asyncio.get_running_loop().run_in_executor, pool, runner)
+        done = await run(0, 5, upper)  # 0, 1 and 4: 2 and 3 keep their results
+        assert done.answered and done.batch is not None and (done.batch.succeeded, done.batch.pending) == (5, 5)
+        assert (await run(0, 5, upper)) == (True, None)  # nothing left there
+        assert (await run(5, 10, operator.neg)) == (False, None)  # the answerer raises: nothing written
+        assert (await run(5, 10, len)) == (False, None)  # answers that are no list: nothing written
+        assert (await run(5, 10, reversed_but_one)) == (False, None)  # a wrong count: nothing written
+        await store.close_batch("r1", State.CANCELLED, None, ItemStatus.CANCELLED)
+        late = await run(5, 10, upper)  # answered, but a closed batch takes no more
+        assert late.answered and late.batch is None
+    rows = await store.results("r1", 0, 10, to_first_pending=False)
+    assert [r.result for r in rows[:5]] == [b"P0", b"P1", b"earlier", b"earlier", b"P4"]
+    assert all(r.status is ItemStatus.PENDING for r in rows[5:])
+    closed = await store.get_batch(None, "r1")
+    assert closed is not None and (closed.succeeded, closed.cancelled) == (5, 5)
+
+
+def upper(payloads: list[bytes]) -> list[bytes]:
+    """A picklable answerer for the range runner test."""
+    return [p.upper() for p in payloads]
+
+
+def reversed_but_one(payloads: list[bytes]) -> list[bytes]:
+    """An answerer that loses an answer."""
+    return payloads[:0:-1]
 
 
 async def test_list_is_newest_first_keyset_paged_and_filtered(store: Store) -> None:
