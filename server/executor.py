@@ -440,13 +440,16 @@ class Executor:
             try:
                 done = await asyncio.get_running_loop().run_in_executor(
                     pool, run.runner, span.start, span.stop, model.portable)
-            except Exception:  # a broken pool, or the store failing there
+            except Exception as e:  # a broken pool, or the store failing there
                 log.exception("running batches/%s[%d:%d] in a worker process failed; running it here",
                               run.batch_id, span.start, span.stop)
+                self._pool.drop_if_broken(e)
         if done is not None and done.answered:
             if done.batch is not None:
                 self._finish_if_complete(done.batch)
             return
+        if run.batch_id not in self._runs:
+            return  # closed meanwhile: nothing more runs
         items = await self._store.pending_items(run.batch_id, span.start, len(span))
         await self._persist([await self._execute(model, run, i) for i in items if i.idx < span.stop])
 

@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from .memory import keep_freed_memory
 
@@ -79,6 +80,14 @@ class WorkerPool:
             self._warmed = True
             for _ in range(self._workers):
                 pool.submit(int)  # a no-op task makes the pool start a worker
+
+    def drop_if_broken(self, error: BaseException) -> None:
+        """After ``error`` from the pool: if it says the pool is broken (a
+        worker died, say killed for memory), shut it down so that the next
+        ``get`` starts a fresh one; a broken pool refuses all work forever."""
+        if isinstance(error, BrokenProcessPool) and self._pool is not None:
+            pool, self._pool, self._warmed = self._pool, None, False
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         """Stop the workers; safe to call twice."""

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import multiprocessing
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -128,5 +131,39 @@ async def test_ranges_a_worker_process_cannot_run_are_run_here(
         assert_echoed(results)
         in_worker_failed = "in a worker process failed; running it here" in caplog.text
         assert in_worker_failed == (fault == "runner raises in the worker")
+    finally:
+        await stubs.channel.close()
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_process_killed_mid_batch_loses_and_repeats_nothing(
+    make_server: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Killed as the kernel's OOM killer would: the pool breaks, the ranges it
+    # held run here, and a fresh pool takes the rest.
+    monkeypatch.setattr(EchoBackend, "portable_generate", lambda self: functools.partial(support.slow_echo, 0.05))
+    stubs = Stubs.connect((await make_server()).target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(generate_batch(N), timeout=30)
+        get = operations_pb2.GetOperationRequest(name=op.name)
+        for _ in range(300):
+            if metadata_of(await stubs.ops.GetOperation(get)).batch_stats.successful_request_count:
+                break
+            await asyncio.sleep(0.05)
+        workers = multiprocessing.active_children()
+        assert workers
+        os.kill(workers[0].pid, signal.SIGKILL)  # type: ignore[arg-type]
+        stats = metadata_of(await wait_done(stubs, op.name, within=60)).batch_stats
+        assert (stats.successful_request_count, stats.failed_request_count) == (N, 0)
+        results = await streamed(stubs, op.name)
+        assert [r.index for r in results] == list(range(N))
+        assert all(r.HasField("generate_content_response") for r in results)
+        assert_echoed(results)
+        assert "in a worker process failed; running it here" in caplog.text
+        # The fresh pool works: another large batch runs in worker processes.
+        again = await stubs.batches.BatchGenerateContent(generate_batch(N), timeout=30)
+        caplog.clear()
+        assert metadata_of(await wait_done(stubs, again.name, within=60)).batch_stats.successful_request_count == N
+        assert "in a worker process failed" not in caplog.text
     finally:
         await stubs.channel.close()
