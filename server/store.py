@@ -27,7 +27,8 @@ class RangeRun(NamedTuple):
     """What a ``RangeRunner`` did."""
 
     answered: bool
-    """False when the answerer failed (raised, or gave a wrong count):
+    """False when the answerer failed (raised, or did not give one bytes
+    answer per request):
     nothing was written, and the range is the caller's to run another way."""
     batch: Batch | None
     """The batch after the write; None when nothing was left to write or

@@ -1,7 +1,8 @@
 """Worker processes for CPU-bound work, shared by the whole server.
 
-Parsing input files and rendering results files are pure CPU work; on the
-event loop they would hold the GIL against every RPC and use one core. They
+Parsing input files, rendering results files and answering large batches of
+a local model (echo: see executor.py) are pure CPU work; on the event loop
+they would hold the GIL against every RPC and use one core. They
 run here instead, in processes started on first use (``longbatch serve``
 starts them at boot).
 """
