@@ -138,21 +138,24 @@ def details(err: grpc.aio.AioRpcError) -> Details:
     status = status_pb2.Status.FromString(raw)
     assert status.code == err.code().value[0]
     assert status.message == err.details()
-    reason = domain = ""
-    info_metadata: dict[str, str] = {}
+    info, violations = unpack_status(status)
+    assert info.reason and info.reason.upper() == info.reason, f"missing/odd ErrorInfo reason {info.reason!r}"
+    assert info.domain == "longbatch.dev"
+    return Details(err.code(), err.details() or "", info.reason, info.domain, violations, dict(info.metadata))
+
+
+def unpack_status(status: status_pb2.Status) -> tuple[error_details_pb2.ErrorInfo, list[tuple[str, str]]]:
+    """The ErrorInfo (empty if none) and the BadRequest violations of a status."""
+    info = error_details_pb2.ErrorInfo()
     violations: list[tuple[str, str]] = []
     for d in status.details:
         if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
             d.Unpack(info)
-            reason, domain, info_metadata = info.reason, info.domain, dict(info.metadata)
         elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             d.Unpack(bad)
             violations = [(v.field, v.description) for v in bad.field_violations]
-    assert reason and reason.upper() == reason, f"missing/odd ErrorInfo reason {reason!r}"
-    assert domain == "longbatch.dev"
-    return Details(err.code(), err.details() or "", reason, domain, violations, info_metadata)
+    return info, violations
 
 
 class ServerProcess:

@@ -38,6 +38,14 @@ def assert_echoed(results: list[batch_pb2.StreamBatchResultsResponse]) -> None:
             assert r.generate_content_response.candidates[0].content.parts[0].text == f"prompt {r.index}"
 
 
+async def first_results(stubs: Stubs, get: operations_pb2.GetOperationRequest) -> None:
+    """Poll (at most 15 s) until the batch has results: ranges are now in flight."""
+    for _ in range(300):
+        if metadata_of(await stubs.ops.GetOperation(get)).batch_stats.successful_request_count:
+            return
+        await asyncio.sleep(0.05)
+
+
 def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
     calls = [0]
     real = getattr(cls, name)
@@ -85,10 +93,7 @@ async def test_cancel_while_worker_processes_run_ranges_counts_each_result_once(
     try:
         op = await stubs.batches.BatchGenerateContent(generate_batch(N), timeout=30)
         get = operations_pb2.GetOperationRequest(name=op.name)
-        for _ in range(300):
-            if metadata_of(await stubs.ops.GetOperation(get)).batch_stats.successful_request_count:
-                break
-            await asyncio.sleep(0.05)
+        await first_results(stubs, get)
         await stubs.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
         done = await wait_done(stubs, op.name, within=10)
         meta = metadata_of(done)
@@ -146,10 +151,7 @@ async def test_a_worker_process_killed_mid_batch_loses_and_repeats_nothing(
     try:
         op = await stubs.batches.BatchGenerateContent(generate_batch(N), timeout=30)
         get = operations_pb2.GetOperationRequest(name=op.name)
-        for _ in range(300):
-            if metadata_of(await stubs.ops.GetOperation(get)).batch_stats.successful_request_count:
-                break
-            await asyncio.sleep(0.05)
+        await first_results(stubs, get)
         workers = multiprocessing.active_children()
         assert workers
         os.kill(workers[0].pid, signal.SIGKILL)  # type: ignore[arg-type]

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-from google.rpc import error_details_pb2, status_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
 from longbatch.server.edge import MAX_DETAILS_BYTES, MAX_MESSAGE_BYTES, fit_trailers
 from longbatch.server.errors import make_status
 
-
-def _unpack(status: status_pb2.Status) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    metadata: dict[str, str] = {}
-    violations: list[tuple[str, str]] = []
-    for d in status.details:
-        if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            d.Unpack(info)
-            metadata = dict(info.metadata)
-        elif d.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            d.Unpack(bad)
-            violations = [(v.field, v.description) for v in bad.field_violations]
-    return metadata, violations
+from support import unpack_status
 
 
 def _encoded_size(message: str) -> int:
@@ -47,7 +33,8 @@ def test_fitted_statuses_fit_and_keep_a_prefix_of_the_violations(
     assert _encoded_size(fitted.message) <= MAX_MESSAGE_BYTES
     assert message.startswith(fitted.message.removesuffix("..."))
     assert fitted.code == 3
-    metadata, kept = _unpack(fitted)
+    info, kept = unpack_status(fitted)
+    metadata = info.metadata
     assert metadata["k"] == "v"
     assert kept == violations[: len(kept)]
     if len(kept) < len(violations):
@@ -59,5 +46,6 @@ def test_fitted_statuses_fit_and_keep_a_prefix_of_the_violations(
 def test_a_single_violation_over_budget_is_dropped_and_counted() -> None:
     fitted = fit_trailers(make_status(3, "bad", "INVALID_ARGUMENT", [("f", "x" * 10_000)]))
     assert fitted.ByteSize() <= MAX_DETAILS_BYTES
-    metadata, kept = _unpack(fitted)
+    info, kept = unpack_status(fitted)
+    metadata = info.metadata
     assert kept == [] and metadata["violations_shown"] == "0"
