@@ -18,20 +18,28 @@ class BackendError(Exception):
 
     Attributes:
         code: google.rpc.Code for the item's error.
-        retryable: whether another attempt may succeed (429, 5xx, timeouts).
+        message: what went wrong, safe to show the batch's owner (no keys).
+        retryable: whether another attempt may succeed (429, 5xx, timeouts);
+            by default from ``code``, but a backend may say otherwise (a 429
+            that means "quota used up" will not succeed next time).
         retry_after_s: the backend's Retry-After hint, seconds, if any.
+        outage: the backend could not be reached or did not answer at all
+            (connection refused, reset, timed out): a fact about the server,
+            not the request, so the executor pauses the model's dispatch and
+            probes instead of spending every item's attempts.
+        overload: the backend said it is too busy (429, 503): the executor
+            lowers the model's in-flight limit.
     """
 
-    def __init__(self, code: int, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(self, code: int, message: str, *, retry_after_s: float | None = None,
+                 retryable: bool | None = None, outage: bool = False, overload: bool | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after_s = retry_after_s
-
-    @property
-    def retryable(self) -> bool:
-        """True for transient failures."""
-        return self.code in RETRYABLE_CODES
+        self.retryable = code in RETRYABLE_CODES if retryable is None else retryable
+        self.outage = outage
+        self.overload = code == code_pb2.RESOURCE_EXHAUSTED if overload is None else overload
 
 
 @runtime_checkable
