@@ -1,18 +1,27 @@
-"""``longbatch serve``: flags with LONGBATCH_* fallbacks, signals, shutdown."""
+"""``longbatch serve``: flags with LONGBATCH_* fallbacks, signals, shutdown.
+
+Exit codes: 0 after a clean shutdown, 1 when the server could not start
+(port, data dir, database), 2 for bad flags or a bad config. Every start-up
+failure is one ``error: …`` line on stderr, never a traceback (``--log-level
+DEBUG`` logs it).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 from .app import start_server
-from .config import ConfigError, load_config
+from .config import ConfigError, ServerConfig, load_config
+from .datadir import DataDirInUse, lock_data_dir
 
 log = logging.getLogger("longbatch")
 
@@ -22,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="longbatch serve", description="Run the longbatch server.")
     p.add_argument("--host", default=env("LONGBATCH_HOST", "127.0.0.1"),
                    help="address to listen on (LONGBATCH_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=int(env("LONGBATCH_PORT", "50051")),
+    # A string default goes through type=int too: a bad LONGBATCH_PORT is a usage error, not a traceback.
+    p.add_argument("--port", type=int, default=env("LONGBATCH_PORT", "50051"),
                    help="port; 0 picks a free one (LONGBATCH_PORT, default 50051)")
     p.add_argument("--data-dir", type=Path, default=Path(env("LONGBATCH_DATA_DIR", "./longbatch-data")),
                    help="SQLite database and files (LONGBATCH_DATA_DIR, default ./longbatch-data)")
@@ -45,18 +55,93 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class StartupError(Exception):
+    """The server could not start; the message is the one line to print."""
+
+
+def _bind_failure(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on, in words, or None if it can.
+
+    Probed before grpc binds, as grpc does (SO_REUSEADDR, every address the
+    host resolves to, failing only if none binds): grpc would print its own
+    multi-line C-core log and raise a bare RuntimeError.
+    """
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot resolve {host}: {e.strerror}"
+    failure: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+            return None
+        except OSError as e:
+            failure = failure if failure is not None and failure.errno == errno.EADDRINUSE else e
+    if failure is None:
+        return None
+    if failure.errno == errno.EADDRINUSE:
+        return f"port {port} is in use (another server?); pass another --port, or --port 0 for a free one"
+    return failure.strerror or str(failure)
+
+
+def _models_note(config: ServerConfig) -> str | None:
+    """A note when a config's ``[[models]]`` replaced the built-in echo models."""
+    if any(m.name == "models/echo" for m in config.models):
+        return None
+    names = ", ".join(m.name for m in config.models)
+    return (f"serving {names}: a config's [[models]] replaces the built-in models/echo and models/echo-slow "
+            f"(list them in the config to keep them)")
+
+
 async def serve(args: argparse.Namespace) -> int:
-    """Run until SIGTERM/SIGINT, then shut down in order."""
+    """Run until SIGTERM/SIGINT, then shut down in order.
+
+    Raises:
+        ConfigError: the config file is unreadable or invalid.
+        StartupError: anything else kept the server from starting.
+    """
     config = load_config(args.config)
     if not config.api_keys and not is_loopback(args.host) and not args.allow_open:
         print(f"error: no API keys are configured, so longbatch runs open and will only listen on loopback; "
               f"configure [[api_keys]] or pass --allow-open to serve {args.host} anyway", file=sys.stderr)
         return 2
+    if args.port and (why := _bind_failure(args.host, args.port)) is not None:
+        raise StartupError(f"cannot listen on {args.host}:{args.port}: {why}")
+    try:
+        # Before the store opens: a second server on this dir must not touch it.
+        lock = lock_data_dir(args.data_dir)
+    except DataDirInUse as e:
+        raise StartupError(str(e)) from e
+    except OSError as e:
+        raise StartupError(f"cannot use data dir {args.data_dir}: {e.strerror or e}") from e
+    try:
+        return await _run(config, args)
+    finally:
+        lock.release()
+
+
+async def _run(config: ServerConfig, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    running = await start_server(config, args.data_dir, args.host, args.port)
+    try:
+        running = await start_server(config, args.data_dir, args.host, args.port)
+    except RuntimeError as e:
+        if "bind" not in str(e):
+            raise StartupError(f"cannot start: {e}") from e
+        # The port was taken between the probe and the bind.
+        why = _bind_failure(args.host, args.port) or "grpc could not bind it"
+        raise StartupError(f"cannot listen on {args.host}:{args.port}: {why}") from e
+    except OSError as e:
+        raise StartupError(f"cannot start: {e}") from e
+    except Exception as e:
+        # A damaged database, say: one line, and the traceback at DEBUG.
+        raise StartupError(f"cannot start: {type(e).__name__}: {e}") from e
+    if (note := _models_note(config)) is not None:
+        log.info("%s", note)
     # Printed only once signals are handled: a supervisor may stop us as soon
     # as it reads this line.
     print(f"longbatch listening on {args.host}:{running.port}", flush=True)
@@ -86,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except (StartupError, OSError) as e:
+        log.debug("start-up failed", exc_info=e)
         print(f"error: {e}", file=sys.stderr)
         return 1
 
