@@ -8,7 +8,8 @@ bounded concurrency over one shared aiohttp session:
 - a 2xx answer delivers; any other status (redirects are not followed), a
   timeout or a connection error is retried after ``initial_backoff_s * 2**n``
   (jittered, capped at ``max_backoff_s``, at least an honoured ``Retry-After``
-  on 429/503), until ``max_attempts``, after which the delivery is FAILED;
+  or ``retry-after-ms`` on 429/503: :class:`~.retry.Backoff`, the executor's
+  policy), until ``max_attempts``, after which the delivery is FAILED;
 - every attempt is logged (batch, URI without query, attempt, outcome);
 - nothing here can block or fail a batch: the batch is done before it is
   enqueued, and errors stay inside this module.
@@ -30,11 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import hashlib
 import hmac
 import logging
-import random
 import secrets
 import time
 from urllib.parse import urlsplit
@@ -48,6 +47,7 @@ from longbatch.v1 import batch_pb2
 from .config import WebhookSettings
 from .convert import batch_message, timestamp
 from .domain import Batch, now_us
+from .retry import Backoff, retry_after_from_headers
 from .store import DeliveryStatus, Store, WebhookDelivery
 
 log = logging.getLogger("longbatch.webhooks")
@@ -110,20 +110,6 @@ def loggable_uri(uri: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 class WebhookDispatcher:
     """Stores and sends webhook deliveries; see the module docstring.
 
@@ -134,6 +120,10 @@ class WebhookDispatcher:
     def __init__(self, store: Store, settings: WebhookSettings, secret: str) -> None:
         self._store = store
         self._settings = settings
+        # Jitter of 20 % spreads receivers' retries yet keeps gaps growing;
+        # an honoured hint is capped like a computed delay.
+        self._backoff = Backoff(initial_s=settings.initial_backoff_s, max_s=settings.max_backoff_s, jitter=0.2,
+                                max_hint_s=settings.max_backoff_s)
         self._secret = secret
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
@@ -274,11 +264,7 @@ class WebhookDispatcher:
                         attempt, error)
             await self._record(delivery.id, attempt, DeliveryStatus.FAILED, now_us(), error)
             return
-        delay = min(settings.max_backoff_s, settings.initial_backoff_s * 2 ** (attempt - 1))
-        # Jitter spreads receivers' retries; 0.8-1.0 keeps gaps growing.
-        delay = random.uniform(0.8 * delay, delay)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, settings.max_backoff_s))
+        delay = self._backoff.delay(attempt, retry_after)
         log.warning("webhook batches/%s -> %s: attempt %d failed (%s); retrying in %.3gs", delivery.batch_id,
                     where, attempt, error, delay)
         await self._record(delivery.id, attempt, DeliveryStatus.PENDING, now_us() + int(delay * 1e6), error)
@@ -300,7 +286,7 @@ class WebhookDispatcher:
                     return None, None
                 retry_after = None
                 if resp.status in _RETRY_AFTER_STATUSES:
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    retry_after = retry_after_from_headers(resp.headers)
                 return f"HTTP {resp.status}", retry_after
         except TimeoutError:
             return f"no answer within {self._settings.timeout_s:g}s", None

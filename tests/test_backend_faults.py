@@ -26,8 +26,8 @@ from google.longrunning import operations_pb2
 from google.rpc import code_pb2
 
 from longbatch.server.backends import BackendError, GeminiHttpBackend, create_backend
-from longbatch.server.backends.http import parse_retry_after
 from longbatch.server.config import ConfigError, ExecutorSettings, ModelConfig, ServerConfig, config_from_dict
+from longbatch.server.retry import parse_retry_after
 from longbatch.v1 import batch_pb2, content_pb2
 
 from support import Stubs, embed_batch, gen_request, generate_batch, metadata_of, wait_done
@@ -288,7 +288,7 @@ async def test_backend_maps_statuses_and_retry_after(fake: FakeModel) -> None:
     backend = backend_for(fake.url)
     try:
         expected = {"429": (code_pb2.RESOURCE_EXHAUSTED, 1.5), "503": (code_pb2.UNAVAILABLE, 1.5),
-                    "500": (code_pb2.UNAVAILABLE, None), "400": (code_pb2.INVALID_ARGUMENT, None),
+                    "500": (code_pb2.INTERNAL, None), "400": (code_pb2.INVALID_ARGUMENT, None),
                     "403": (code_pb2.PERMISSION_DENIED, None), "badjson": (code_pb2.INTERNAL, None)}
         for fault, (code, hint) in expected.items():
             fake.plan = FaultPlan(rate=1.0, faults=(fault,), retry_after="1.5")

@@ -24,7 +24,8 @@ from google.longrunning import operations_pb2
 from google.protobuf import struct_pb2
 
 from longbatch.server.config import ConfigError, ServerConfig, WebhookSettings, config_from_dict
-from longbatch.server.webhooks import loggable_uri, parse_retry_after
+from longbatch.server.retry import parse_retry_after
+from longbatch.server.webhooks import loggable_uri
 from longbatch.v1 import batch_pb2
 
 from support import ServerProcess, Stubs, generate_batch, metadata_of, wait_done

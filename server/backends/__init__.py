@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import ConfigError, ModelConfig
 from .base import Backend, BackendError
 from .echo import EchoBackend
-from .http import GeminiHttpBackend
+from .gemini_http import GeminiHttpBackend
 
 __all__ = ["Backend", "BackendError", "EchoBackend", "GeminiHttpBackend", "create_backend"]
 

@@ -18,10 +18,20 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _METHODS = ["batchGenerateContent", "asyncBatchEmbedContent"]
 
 
+# Backends that talk to a model server over HTTP, whose base URL is shown.
+_HTTP_BACKENDS = frozenset({"gemini-http", "openai"})
+
+
 def model_message(m: ModelConfig) -> model_pb2.Model:
-    """The Model resource for a configured model."""
+    """The Model resource for a configured model.
+
+    ``base_url`` is the HTTP backends' option as validated at start (which
+    refuses credentials in it); the API key is never shown.
+    """
+    base_url = m.options.get("base_url") if m.backend in _HTTP_BACKENDS else None
     return model_pb2.Model(name=m.name, display_name=m.display_name or m.name.removeprefix("models/"),
-                           backend=m.backend, supported_methods=_METHODS, max_concurrency=m.max_concurrency)
+                           backend=m.backend, supported_methods=_METHODS, max_concurrency=m.max_concurrency,
+                           base_url=base_url.strip().rstrip("/") if isinstance(base_url, str) else "")
 
 
 class ModelService(model_pb2_grpc.ModelServiceServicer):

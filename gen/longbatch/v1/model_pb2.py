@@ -26,7 +26,7 @@ from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior_
 from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18longbatch/v1/model.proto\x12\x0clongbatch.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\"\xa0\x01\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x19\n\x11supported_methods\x18\x04 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05:(\xea\x41%\n\x13longbatch.dev/Model\x12\x0emodels/{model}\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.longbatch.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\x9f\x01\n\x0cModelService\x12O\n\nListModels\x12\x1f.longbatch.v1.ListModelsRequest\x1a .longbatch.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1d.longbatch.v1.GetModelRequest\x1a\x13.longbatch.v1.ModelB@\n\x10\x64\x65v.longbatch.v1P\x01Z*longbatch.dev/gen/longbatch/v1;longbatchv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18longbatch/v1/model.proto\x12\x0clongbatch.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\"\xb8\x01\n\x05Model\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x03\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x19\n\x11supported_methods\x18\x04 \x03(\t\x12\x17\n\x0fmax_concurrency\x18\x05 \x01(\x05\x12\x16\n\x08\x62\x61se_url\x18\x06 \x01(\tB\x04\xe2\x41\x01\x03:(\xea\x41%\n\x13longbatch.dev/Model\x12\x0emodels/{model}\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"R\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.longbatch.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x0fGetModelRequest\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x32\x9f\x01\n\x0cModelService\x12O\n\nListModels\x12\x1f.longbatch.v1.ListModelsRequest\x1a .longbatch.v1.ListModelsResponse\x12>\n\x08GetModel\x12\x1d.longbatch.v1.GetModelRequest\x1a\x13.longbatch.v1.ModelB@\n\x10\x64\x65v.longbatch.v1P\x01Z*longbatch.dev/gen/longbatch/v1;longbatchv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,18 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.longbatch.v1P\001Z*longbatch.dev/gen/longbatch/v1;longbatchv1'
   _globals['_MODEL'].fields_by_name['name']._loaded_options = None
   _globals['_MODEL'].fields_by_name['name']._serialized_options = b'\342A\001\003'
+  _globals['_MODEL'].fields_by_name['base_url']._loaded_options = None
+  _globals['_MODEL'].fields_by_name['base_url']._serialized_options = b'\342A\001\003'
   _globals['_MODEL']._loaded_options = None
   _globals['_MODEL']._serialized_options = b'\352A%\n\023longbatch.dev/Model\022\016models/{model}'
   _globals['_GETMODELREQUEST'].fields_by_name['name']._loaded_options = None
   _globals['_GETMODELREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002'
   _globals['_MODEL']._serialized_start=103
-  _globals['_MODEL']._serialized_end=263
-  _globals['_LISTMODELSREQUEST']._serialized_start=265
-  _globals['_LISTMODELSREQUEST']._serialized_end=323
-  _globals['_LISTMODELSRESPONSE']._serialized_start=325
-  _globals['_LISTMODELSRESPONSE']._serialized_end=407
-  _globals['_GETMODELREQUEST']._serialized_start=409
-  _globals['_GETMODELREQUEST']._serialized_end=446
-  _globals['_MODELSERVICE']._serialized_start=449
-  _globals['_MODELSERVICE']._serialized_end=608
+  _globals['_MODEL']._serialized_end=287
+  _globals['_LISTMODELSREQUEST']._serialized_start=289
+  _globals['_LISTMODELSREQUEST']._serialized_end=347
+  _globals['_LISTMODELSRESPONSE']._serialized_start=349
+  _globals['_LISTMODELSRESPONSE']._serialized_end=431
+  _globals['_GETMODELREQUEST']._serialized_start=433
+  _globals['_GETMODELREQUEST']._serialized_end=470
+  _globals['_MODELSERVICE']._serialized_start=473
+  _globals['_MODELSERVICE']._serialized_end=632
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,7 @@ class Model(_message.Message):
     BACKEND_FIELD_NUMBER: _builtins.int
     SUPPORTED_METHODS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The resource name, `models/{model}`."""
     display_name: _builtins.str
@@ -37,6 +38,11 @@ class Model(_message.Message):
     """The backend that runs it, for example "echo"."""
     max_concurrency: _builtins.int
     """Maximum requests of this model that run at once."""
+    base_url: _builtins.str
+    """Where an HTTP backend (gemini-http, openai) sends this model's requests,
+    for example "http://127.0.0.1:8081/v1"; empty for in-process backends.
+    Never carries credentials: the backend's API key stays in the server.
+    """
     @_builtins.property
     def supported_methods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The batch methods it supports: "batchGenerateContent",
@@ -51,10 +57,11 @@ class Model(_message.Message):
         backend: _builtins.str = ...,
         supported_methods: _abc.Iterable[_builtins.str] | None = ...,
         max_concurrency: _builtins.int = ...,
+        base_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "display_name", b"display_name", "max_concurrency", b"max_concurrency", "name", b"name", "supported_methods", b"supported_methods"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "base_url", b"base_url", "display_name", b"display_name", "max_concurrency", b"max_concurrency", "name", b"name", "supported_methods", b"supported_methods"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
