@@ -197,7 +197,7 @@ class Outputs:
             if pool is None or reader is None:
                 page: list[_Line] = []
                 async for row in self.rows(batch, start):
-                    page.append((row.key or str(row.idx), row.metadata, int(row.status), row.result))
+                    page.append((row.idx, row.key or str(row.idx), row.metadata, int(row.status), row.result))
                     if len(page) >= _RENDER_PAGE:
                         await asyncio.to_thread(out.write, render_lines(batch.kind.value, page))
                         page = []
@@ -295,8 +295,8 @@ class _Draft:
             task.exception()
 
 
-_Line = tuple[str, bytes | None, int, bytes]
-"""What a responses-file line is made of: key, metadata, ItemStatus, result."""
+_Line = tuple[int, str, bytes | None, int, bytes]
+"""What a responses-file line is made of: index, key, metadata, ItemStatus, result."""
 
 
 def render_range(reader: ResultReader, kind: str, rest: tuple[int, bytes] | None, lo: int, hi: int) -> bytes:
@@ -319,17 +319,20 @@ def render_range(reader: ResultReader, kind: str, rest: tuple[int, bytes] | None
         if rest is None and any(row[3] == pending for row in rows):
             raise RuntimeError(f"a request in {start}..{end} has not finished")
         out += render_lines(kind, [
-            (key or str(idx), metadata, rest_status, rest_result) if status == pending
-            else (key or str(idx), metadata, status, result or b"")
+            (idx, key or str(idx), metadata, rest_status, rest_result) if status == pending
+            else (idx, key or str(idx), metadata, status, result or b"")
             for idx, key, metadata, status, result in rows
         ])
     return bytes(out)
 
 
 def render_lines(kind: str, rows: list[_Line]) -> bytes:
-    """JSONL lines ``{"key", ["metadata",] "response" | "error"}`` for a
-    ``kind`` (BatchKind value) batch's rows; runs in a worker process.
+    """JSONL lines ``{"index", "key", ["metadata",] "response" | "error"}``
+    for a ``kind`` (BatchKind value) batch's rows; runs in a worker process.
 
+    The one results line format, also what ``longbatch results`` prints:
+    ``index`` a JSON number (0 included), ``key`` the input's key or, when
+    it had none, the index as a string (as the Gemini Batch API's files do).
     Each line is its parts' JSON joined: orjson writes an object as exactly
     that, so the response need never be a dict (see generate_response_json).
     """
@@ -337,8 +340,8 @@ def render_lines(kind: str, rows: list[_Line]) -> bytes:
     succeeded = ItemStatus.SUCCEEDED.value
     dumps = orjson.dumps
     out = []
-    for key, metadata, status, result in rows:
-        head = b'{"key":' + dumps(key)
+    for idx, key, metadata, status, result in rows:
+        head = b'{"index":%d,"key":' % idx + dumps(key)
         if metadata is not None:
             head += b',"metadata":' + dumps(jsonout.struct(metadata))
         if status == succeeded:

@@ -75,6 +75,10 @@ async def test_worker_rendered_file_equals_in_process_file(store: SQLiteStore, t
 
     lines = [orjson.loads(line) for line in data.splitlines()]
     assert len(lines) == N
+    # The one results line format: index first, a number (0 included), then key.
+    assert [line["index"] for line in lines] == list(range(N))
+    assert data.startswith(b'{"index":0,"key":"0",')
+    assert all(list(line)[:2] == ["index", "key"] for line in lines)
     assert [line["key"] for line in lines[:12]] == ["0", *(f"k{i}" for i in range(1, 11)), "11"]
     assert lines[3]["response"]["candidates"][0]["content"]["parts"][0]["text"] == "answer 3 \u00e9\u4e2d"
     assert lines[1]["error"] == {"code": code_pb2.UNAVAILABLE, "message": "model overloaded"}
