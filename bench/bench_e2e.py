@@ -118,16 +118,49 @@ def _texts(rng: random.Random, count: int) -> list[str]:
     return texts
 
 
-def generate_input(path: Path, lines: int, seed: int = 7) -> int:
-    """Stream ``lines`` request lines into ``path`` (written in blocks); return the byte count."""
+SYSTEMS = ("You are a terse assistant.", "Answer in one sentence.", "You are a careful reviewer; list issues.",
+           "Reply in JSON with keys answer and confidence.")
+
+
+def _request(rng: random.Random, texts: list[str], i: int, mix: str) -> dict[str, Any]:
+    """One request: plain single-turn text, or with ``mix="realistic"`` a mix of shapes users send.
+
+    The realistic mix: 40 % single-turn, 20 % with a system instruction, 20 % multi-turn
+    (user, model, user), 20 % with a generation config (temperature, topP, maxOutputTokens,
+    stopSequences, seed). None of the last three takes the ingest's plain-text fast route.
+    """
+    text = texts[(i * 2654435761) % len(texts)]
+    turn = {"parts": [{"text": text}]}
+    if mix == "plain":
+        return {"contents": [turn]}
+    shape = i % 5
+    if shape == 2:
+        return {"systemInstruction": {"parts": [{"text": SYSTEMS[i % len(SYSTEMS)]}]},
+                "contents": [dict(turn, role="user")]}
+    if shape == 3:
+        earlier = texts[(i * 40503) % len(texts)]
+        return {"contents": [{"role": "user", "parts": [{"text": earlier}]},
+                             {"role": "model", "parts": [{"text": "Noted. " + earlier[:40]}]},
+                             {"role": "user", "parts": [{"text": text}]}]}
+    if shape == 4:
+        return {"contents": [turn], "generationConfig": {
+            "temperature": round(rng.uniform(0, 1), 2), "topP": 0.95, "maxOutputTokens": 64 + i % 192,
+            "stopSequences": ["\n\n"], "seed": i}}
+    return {"contents": [turn]}
+
+
+def generate_input(path: Path, lines: int, seed: int = 7, mix: str = "plain") -> int:
+    """Stream ``lines`` request lines into ``path`` (written in blocks); return the byte count.
+
+    ``mix`` is ``"plain"`` (single-turn text only) or ``"realistic"`` (see ``_request``).
+    """
     rng = random.Random(seed)
     texts = _texts(rng, 4093)
     size = 0
     with path.open("wb") as f:
         block: list[bytes] = []
         for i in range(lines):
-            text = texts[(i * 2654435761) % len(texts)]
-            block.append(orjson.dumps({"key": f"k{i}", "request": {"contents": [{"parts": [{"text": text}]}]}}))
+            block.append(orjson.dumps({"key": f"k{i}", "request": _request(rng, texts, i, mix)}))
             block.append(b"\n")
             if len(block) >= 20_000:
                 data = b"".join(block)
@@ -415,10 +448,10 @@ def verify_results(path: Path, expected: int) -> dict[str, Any]:
     return {"ok": ok, "lines": lines, "expected": expected, "error_lines": errors, "first_bad": first_bad}
 
 
-def file_batch(file_name: str, display_name: str) -> batch_pb2.BatchGenerateContentRequest:
-    """A create request for a file batch on models/echo."""
+def file_batch(file_name: str, display_name: str, model: str = "models/echo") -> batch_pb2.BatchGenerateContentRequest:
+    """A create request for a file batch on ``model``."""
     return batch_pb2.BatchGenerateContentRequest(batch=batch_pb2.GenerateContentBatch(
-        model="models/echo", display_name=display_name, input_config=batch_pb2.InputConfig(file_name=file_name)))
+        model=model, display_name=display_name, input_config=batch_pb2.InputConfig(file_name=file_name)))
 
 
 def size_budget(size: int) -> float:
@@ -848,7 +881,7 @@ def render(report: dict[str, Any]) -> str:
         f"longbatch end-to-end benchmark  ({env['cpus']} CPUs, Python {env['python']}, grpcio {env['grpcio']}, "
         f"uvloop {'yes' if env['uvloop'] else 'no'}, model {report['model']}, "
         f"load average at start {env['loadavg_at_start'][0]:.2f})",
-        f"input: {report['lines']:,} generated lines, {report['input_bytes'] / MB:.1f} MB "
+        f"input: {report['lines']:,} generated lines ({report['mix']} mix), {report['input_bytes'] / MB:.1f} MB "
         f"({report['input_bytes'] / max(report['lines'], 1):.0f} B/line); fresh server per size",
         f"state polled with GetOperation every {POLL_S * 1000:.0f} ms: ingest and exec times carry "
         f"+{POLL_S * 1000:.0f} ms (+1 RTT) resolution; exec includes writing the responses file",
@@ -959,10 +992,10 @@ async def bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], b
     sizes: list[int] = args.sizes
     master = work / f"input-{args.lines}.jsonl"
     t = time.perf_counter()
-    master_bytes = await asyncio.to_thread(generate_input, master, args.lines)
+    master_bytes = await asyncio.to_thread(generate_input, master, args.lines, 7, args.mix)
     print(f"generated {args.lines:,} lines ({master_bytes / MB:.1f} MB) in {time.perf_counter() - t:.1f} s: "
           f"{master}", file=sys.stderr)
-    report: dict[str, Any] = {"env": _env(), "model": "models/echo", "lines": args.lines,
+    report: dict[str, Any] = {"env": _env(), "model": "models/echo", "mix": args.mix, "lines": args.lines,
                               "input_bytes": master_bytes, "poll_ms": POLL_S * 1000,
                               "rss_sample_ms": RSS_SAMPLE_S * 1000, "work_dir": str(work), "sizes": []}
     timelines: dict[int, list[tuple[float, float, str]]] = {}
@@ -1029,6 +1062,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--load-seconds", type=float, default=10.0, help="seconds per GetOperation load run (default 10)")
     p.add_argument("--json", type=Path, default=None, help="also write the full JSON report here")
     p.add_argument("--skip-load", action="store_true", help="skip the GetOperation load runs")
+    p.add_argument("--mix", choices=("plain", "realistic"), default="plain",
+                   help="request shapes: plain single-turn text (default), or a realistic mix of single-turn, "
+                        "system instruction, multi-turn and generation config")
     p.add_argument("--config", type=Path, default=None, help="server TOML config (default: built-in, models/echo)")
     p.add_argument("--tmp-dir", type=Path, default=None, help="where to make the temp dir (default: system temp)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (inputs, data dirs, logs, results)")
