@@ -111,16 +111,25 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class ExecutorSettings:
-    """Tuning of the background executor."""
+    """Tuning of the background executor (retries, outages; see docs/execution.md)."""
 
-    max_attempts: int = 4
-    """Attempts per request for transient backend errors."""
+    max_attempts: int = 5
+    """Calls per request in all, for transient backend errors (5)."""
     backoff_initial_s: float = 0.2
-    """First retry delay, seconds; doubles each attempt, with jitter."""
+    """First retry delay, seconds; doubles each attempt, with jitter (0.2 s)."""
     backoff_max_s: float = 10.0
-    """Cap on one retry delay, seconds."""
+    """Cap on one retry delay, seconds; six times this caps an honoured Retry-After (10 s)."""
     request_timeout_s: float = 300.0
-    """Per-call backend timeout, seconds."""
+    """Per-call backend timeout, seconds (300 s)."""
+    outage_timeout_s: float = 600.0
+    """How long a model's backend may stay unreachable before its waiting
+    requests fail with the outage error, seconds, counted from when the
+    outage began (10 min)."""
+    probe_initial_s: float = 0.5
+    """First wait before a probe call to an unreachable backend, seconds;
+    doubles per failed probe, with jitter (0.5 s)."""
+    probe_max_s: float = 30.0
+    """Cap on the wait between probes, seconds (30 s)."""
 
 
 @dataclass(frozen=True)
@@ -243,7 +252,10 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     for key, value in ex.items():
         if key == "max_attempts":
             ex_kw[key] = _get(ex, key, int, "executor")
-        elif key in ("backoff_initial", "backoff_max", "request_timeout"):
+            if ex_kw[key] < 1:
+                raise ConfigError("executor.max_attempts must be at least 1")
+        elif key in ("backoff_initial", "backoff_max", "request_timeout", "outage_timeout", "probe_initial",
+                     "probe_max"):
             ex_kw[f"{key}_s"] = parse_duration(value, f"executor.{key}")
         else:
             raise ConfigError(f"unknown key executor.{key}")

@@ -17,6 +17,13 @@ which reads, answers and commits them itself. The server process then only
 schedules, and keeps its one GIL for RPCs (on a 1M echo batch, reading,
 answering and committing here used the GIL for ~14 s of a 15 s run).
 
+Every call of a request to a backend passes its model's gate
+(``admission.ModelGate``): an AIMD in-flight limit that backs off on 429/503,
+and a pause while the backend is unreachable, probing it with backoff, so an
+outage costs the requests waiting time rather than their attempts (see
+docs/execution.md). Retries wait as ``retry.Backoff`` says, honouring
+Retry-After.
+
 On start, every batch that is not done is resumed: requests already persisted
 are never run again; those in flight when the process died (at most
 ``max_concurrency`` per model, since a worker takes new work only after its
@@ -28,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ from google.rpc import code_pb2, status_pb2
 
 from longbatch.v1 import content_pb2
 
+from .admission import Admission, ModelGate
 from .backends import Backend, BackendError
 from .backends.base import BulkGenerate, PortableGenerate, RawGenerate
 from .config import ExecutorSettings
@@ -45,6 +52,7 @@ from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, n
 from .ingest import IngestFailed
 from .notifier import Notifier
 from .outputs import Outputs
+from .retry import Backoff
 from .store import Answerer, RangeRunner, Store
 from .workers import WorkerPool
 
@@ -166,6 +174,16 @@ class Executor:
         self._notifier = notifier
         self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
         self._queues = {name: _ModelQueue(m.max_concurrency) for name, m in models.items()}
+        # Retries of a request: the old formula (doubling from the initial
+        # delay, half of it jitter), with a Retry-After honoured up to six
+        # times the cap.
+        self._backoff = Backoff(initial_s=settings.backoff_initial_s, max_s=settings.backoff_max_s, jitter=0.5,
+                                max_hint_s=settings.backoff_max_s * 6)
+        # Probes of an unreachable backend: less jitter than retries, as one
+        # probe at a time goes out and the gaps should keep growing.
+        probes = Backoff(initial_s=settings.probe_initial_s, max_s=settings.probe_max_s, jitter=0.2)
+        self._gates = {name: ModelGate(name, m.max_concurrency, outage_timeout_s=settings.outage_timeout_s,
+                                       probe_backoff=probes) for name, m in models.items()}
         self._runs: dict[str, tuple[_Run, _ModelQueue]] = {}
         # Unbounded, but each worker has at most one entry in it.
         self._results: asyncio.Queue[tuple[list[Outcome], asyncio.Future[None]]] = asyncio.Queue()
@@ -213,6 +231,9 @@ class Executor:
         self._stopping = True
         for q in self._queues.values():
             q.wakeup.set()
+        for gate in self._gates.values():
+            # Requests waiting out an outage stay PENDING and run after a restart.
+            gate.close()
         for task in (self._sweeper, self._watchdog_task):
             if task:
                 task.cancel()
@@ -235,6 +256,16 @@ class Executor:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def waiting_reason(self, model: str) -> str:
+        """Why the requests of ``model`` are not running now (its backend
+        unreachable since …); empty while they run."""
+        gate = self._gates.get(model)
+        return gate.waiting_reason if gate is not None else ""
+
+    def gate(self, model: str) -> ModelGate:
+        """The admission gate of a configured model (its in-flight limit and outage state)."""
+        return self._gates[model]
 
     # -- scheduling -------------------------------------------------------------
 
@@ -476,33 +507,53 @@ class Executor:
         return results if results is not None and len(results) == len(items) else None
 
     async def _execute(self, model: ModelRuntime, run: _Run, item: PendingItem) -> Outcome:
+        """Run one request to its outcome: call, retry, wait out outages."""
         settings = self._settings
+        gate = self._gates[model.name]
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
         attempt = 0
         while True:
+            probe = False
+            if not gate.enter():
+                admission = await gate.wait()
+                if admission is Admission.GAVE_UP:
+                    code, message = gate.outage_error()
+                    status = status_pb2.Status(code=code, message=message)
+                    return Outcome(run.batch_id, item.idx, ItemStatus.FAILED, status.SerializeToString())
+                probe = admission is Admission.PROBE
+                if run.batch_id not in self._runs:
+                    # Closed while this waited: its result would be dropped.
+                    gate.left(probe)
+                    return Outcome(run.batch_id, item.idx, ItemStatus.CANCELLED, _CANCELLED_ITEM)
+            seen = gate.answered
             attempt += 1
+            started = loop.time()
             # The watchdog cancels calls past their deadline; registering is a
             # dict write, where asyncio.timeout would cost a timer per call.
-            self._deadlines[task] = loop.time() + settings.request_timeout_s
+            self._deadlines[task] = started + settings.request_timeout_s
+            outage = overload = False
             try:
                 result = await self._call(model, run.kind, item.payload)
-                return Outcome(run.batch_id, item.idx, ItemStatus.SUCCEEDED, result)
             except BackendError as e:
                 error, retryable, retry_after = e.code, e.retryable, e.retry_after_s
-                message = e.message
+                message, outage, overload = e.message, e.outage, e.overload
             except asyncio.CancelledError:
                 if task not in self._timed_out:
+                    gate.left(probe)
                     raise
                 self._timed_out.discard(task)
                 task.uncancel()
-                error, retryable, retry_after = code_pb2.DEADLINE_EXCEEDED, True, None
+                error, retryable, retry_after, outage = code_pb2.DEADLINE_EXCEEDED, True, None, True
                 message = f"backend did not answer within {settings.request_timeout_s:g}s"
             except Exception:
                 log.exception("backend of %s failed on batches/%s[%d]", model.name, run.batch_id, item.idx)
                 error, retryable, retry_after = code_pb2.INTERNAL, False, None
                 message = "the backend failed on this request; see the server log"
+            else:
+                gate.ok()
+                return Outcome(run.batch_id, item.idx, ItemStatus.SUCCEEDED, result)
             finally:
                 self._deadlines.pop(task, None)
                 if task in self._timed_out:
@@ -510,14 +561,19 @@ class Executor:
                     # another error; clear it so later calls stay guarded.
                     self._timed_out.discard(task)
                     task.uncancel()
+            if outage:
+                if gate.unreachable(seen, started, error, message, probe):
+                    # The model's outage, not this request's failure: no
+                    # attempt spent; the paused gate holds it until a probe
+                    # gets through or outage_timeout passes.
+                    attempt -= 1
+                    continue
+            else:
+                gate.failed(seen, overload)
             if not retryable or attempt >= settings.max_attempts or self._stopping or run.batch_id not in self._runs:
                 status = status_pb2.Status(code=error, message=message)
                 return Outcome(run.batch_id, item.idx, ItemStatus.FAILED, status.SerializeToString())
-            delay = min(settings.backoff_max_s, settings.backoff_initial_s * 2 ** (attempt - 1))
-            delay = random.uniform(delay / 2, delay)
-            if retry_after is not None:
-                delay = max(delay, min(retry_after, settings.backoff_max_s * 6))
-            await asyncio.sleep(delay)
+            await asyncio.sleep(self._backoff.delay(attempt, retry_after))
 
     async def _watchdog(self) -> None:
         """Cancel backend calls that run past their deadline."""
@@ -670,6 +726,8 @@ class Executor:
 
 _INTERNAL_INPUT = status_pb2.Status(code=code_pb2.INTERNAL, message="reading the input file failed; see the server log")
 _CANCELLED_BATCH = status_pb2.Status(code=code_pb2.CANCELLED, message="batch was cancelled")
+_CANCELLED_ITEM = status_pb2.Status(
+    code=code_pb2.CANCELLED, message="batch was cancelled before this request ran").SerializeToString()
 _EXPIRED_BATCH = status_pb2.Status(
     code=code_pb2.DEADLINE_EXCEEDED, message="batch did not finish within the server's batch TTL"
 )

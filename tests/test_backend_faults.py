@@ -36,6 +36,9 @@ MODEL = "models/remote"
 SUCCEEDED = batch_pb2.BatchState.BATCH_STATE_SUCCEEDED
 MAX_ATTEMPTS = 4
 REQUEST_TIMEOUT_S = 0.5
+# A backend that answers nothing at all is an outage: the model pauses and
+# probes, and its requests give up this long after it began.
+OUTAGE_TIMEOUT_S = 1.0
 # Scheduling slack when comparing a measured delay with a hinted one.
 SLACK_S = 0.005
 
@@ -61,7 +64,8 @@ async def remote(make_server: MakeServer) -> AsyncIterator[Remote]:
         model = ModelConfig(name=MODEL, backend="gemini-http", max_concurrency=16,
                             options={"base_url": base_url, **options})
         executor = ExecutorSettings(max_attempts=MAX_ATTEMPTS, backoff_initial_s=0.01, backoff_max_s=0.1,
-                                    request_timeout_s=REQUEST_TIMEOUT_S)
+                                    request_timeout_s=REQUEST_TIMEOUT_S, outage_timeout_s=OUTAGE_TIMEOUT_S,
+                                    probe_initial_s=0.1, probe_max_s=0.2)
         handle = await make_server(ServerConfig(models=(model,), executor=executor))
         handles.append(handle)
         stubs = Stubs.connect(handle.target)
@@ -202,8 +206,12 @@ async def test_calls_that_always_hang_end_deadline_exceeded(fake: FakeModel, rem
     op = await run_batch(stubs, n, within=20.0)
     assert time.monotonic() - started < 15.0
     for r in assert_all_failed(op, n, code_pb2.DEADLINE_EXCEEDED):
-        assert "did not answer" in r.error.message
-    assert fake.stats.calls == dict.fromkeys(prompts(n), MAX_ATTEMPTS)
+        assert "did not answer" in r.error.message and "unreachable for" in r.error.message
+    # Nothing answers: an outage, so no request spent its attempts; each
+    # called once, a few again as probes, until outage_timeout.
+    calls = fake.stats.calls
+    assert set(calls) == set(prompts(n))
+    assert sum(calls.values()) <= n + 3, calls
 
 
 async def test_400_is_invalid_argument_and_not_retried(fake: FakeModel, remote: Remote) -> None:
