@@ -46,10 +46,12 @@ def timestamp(us: int | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=(us % 1_000_000) * 1000)
 
 
-def batch_message(batch: Batch, output: bytes | None = None) -> BatchMessage:
+def batch_message(batch: Batch, output: bytes | None = None, waiting_reason: str = "") -> BatchMessage:
     """The GenerateContentBatch or EmbedContentBatch for a stored batch.
 
-    ``output`` is the serialized batch output, set once the batch is done.
+    ``output`` is the serialized batch output, set once the batch is done;
+    ``waiting_reason`` why its requests are not running now (the executor's
+    word, kept off done batches).
     """
     msg = _BATCH_TYPES[batch.kind](
         model=batch.model,
@@ -60,6 +62,7 @@ def batch_message(batch: Batch, output: bytes | None = None) -> BatchMessage:
         end_time=timestamp(batch.end_time_us),
         state=int(batch.state),  # type: ignore[arg-type]
         priority=batch.priority,
+        waiting_reason="" if batch.done else waiting_reason,
     )
     if batch.input_file:
         msg.input_config.file_name = f"files/{batch.input_file}"
@@ -81,13 +84,14 @@ def batch_message(batch: Batch, output: bytes | None = None) -> BatchMessage:
     return msg
 
 
-def operation(batch: Batch, output: bytes | None = None) -> operations_pb2.Operation:
+def operation(batch: Batch, output: bytes | None = None, waiting_reason: str = "") -> operations_pb2.Operation:
     """The google.longrunning.Operation for a batch.
 
     A done batch carries ``response`` (SUCCEEDED) or ``error`` (every other
-    terminal state), never neither; ``output`` goes into the metadata too.
+    terminal state), never neither; ``output`` and ``waiting_reason`` go
+    into the metadata (see batch_message).
     """
-    meta = batch_message(batch, output)
+    meta = batch_message(batch, output, waiting_reason)
     op = operations_pb2.Operation(name=batch.name, done=batch.done)
     op.metadata.Pack(meta)
     if not batch.done:

@@ -31,6 +31,8 @@ class BatchView:
 
     batch: Batch
     output: bytes | None
+    waiting_reason: str = ""
+    """Why its requests are not running now; empty while they run and once done."""
 
 
 class BatchManager:
@@ -82,8 +84,15 @@ class BatchManager:
         return await self.view(batch)
 
     async def view(self, batch: Batch) -> BatchView:
-        """``batch`` with its output once done."""
+        """``batch`` with its output once done, or why it waits while not."""
+        if not batch.done:
+            return BatchView(batch, None, self.waiting_reason(batch))
         return BatchView(batch, await self._outputs.output(batch))
+
+    def waiting_reason(self, batch: Batch) -> str:
+        """Why the batch's requests are not running now (its model's backend
+        unreachable, say); empty while they run and once the batch is done."""
+        return "" if batch.done else self._executor.waiting_reason(batch.model)
 
     async def get_batch(self, tenant: str, batch_id: str) -> Batch:
         """The tenant's batch with live stats, or NotFound."""

@@ -48,7 +48,7 @@ class BatchService(batch_pb2_grpc.BatchServiceServicer):
             raise InvalidArgument("batch is required", violations=[("batch", "is required")])
         valid = validate_create(batch, request_id, self._limits)
         view = await self._manager.create(current_tenant(), valid, request_id)
-        return convert.operation(view.batch, view.output)
+        return convert.operation(view.batch, view.output, view.waiting_reason)
 
     async def UpdateGenerateContentBatch(
         self, request: batch_pb2.UpdateGenerateContentBatchRequest, context: Context
@@ -86,7 +86,7 @@ class BatchService(batch_pb2_grpc.BatchServiceServicer):
             display_name=batch.display_name if "display_name" in paths else None,
             priority=batch.priority if "priority" in paths else None,
         )
-        return convert.batch_message(view.batch, view.output)
+        return convert.batch_message(view.batch, view.output, view.waiting_reason)
 
     async def StreamBatchResults(
         self, request: batch_pb2.StreamBatchResultsRequest, context: Context

@@ -20,32 +20,33 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class _OperationCache:
-    """Built Operations by batch id, valid while the batch's update_time is
-    unchanged: forever once done (bar a rename), between commits while it
-    runs. Polling clients then cost a row read, not a rebuild."""
+    """Built Operations by batch id, valid while the batch's update_time and
+    waiting reason are unchanged: forever once done (bar a rename), between
+    commits while it runs. Polling clients then cost a row read, not a rebuild."""
 
     def __init__(self, entries: int = 4096, max_bytes: int = 64 << 10) -> None:
         self._entries = entries
         self._max_bytes = max_bytes
-        self._ops: OrderedDict[str, tuple[int, operations_pb2.Operation]] = OrderedDict()
+        self._ops: OrderedDict[str, tuple[int, str, operations_pb2.Operation]] = OrderedDict()
 
-    def lookup(self, batch: Batch) -> operations_pb2.Operation | None:
+    def lookup(self, batch: Batch, waiting_reason: str) -> operations_pb2.Operation | None:
         """The Operation built for this very version of ``batch``, if kept."""
         hit = self._ops.get(batch.id)
-        if hit is not None and hit[0] == batch.update_time_us:
+        # A paused batch changes no row, so its waiting reason is part of the key.
+        if hit is not None and hit[0] == batch.update_time_us and hit[1] == waiting_reason:
             self._ops.move_to_end(batch.id)
-            return hit[1]
+            return hit[2]
         return None
 
     def get(self, view: BatchView) -> operations_pb2.Operation:
         """The Operation of ``view``: kept, or built (and kept if small)."""
         batch = view.batch
-        op = self.lookup(batch)
+        op = self.lookup(batch, view.waiting_reason)
         if op is not None:
             return op
-        op = convert.operation(batch, view.output)
+        op = convert.operation(batch, view.output, view.waiting_reason)
         if op.ByteSize() <= self._max_bytes:
-            self._ops[batch.id] = (batch.update_time_us, op)
+            self._ops[batch.id] = (batch.update_time_us, view.waiting_reason, op)
             if len(self._ops) > self._entries:
                 self._ops.popitem(last=False)
         return op
@@ -65,7 +66,8 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
         batch = await self._manager.get_batch(current_tenant(), parse_name(request.name, "batches"))
         # A hit needs no output: reading it (a file name or a cached blob)
         # would cost more than the lookup.
-        return self._cache.lookup(batch) or self._cache.get(await self._manager.view(batch))
+        reason = self._manager.waiting_reason(batch)
+        return self._cache.lookup(batch, reason) or self._cache.get(await self._manager.view(batch))
 
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: Context
@@ -78,7 +80,8 @@ class OperationsService(operations_pb2_grpc.OperationsServicer):  # type: ignore
             current_tenant(), request.name, request.filter, request.page_size, request.page_token
         )
         return operations_pb2.ListOperationsResponse(
-            operations=[convert.operation(b) for b in batches], next_page_token=token
+            operations=[convert.operation(b, waiting_reason=self._manager.waiting_reason(b)) for b in batches],
+            next_page_token=token,
         )
 
     async def WaitOperation(

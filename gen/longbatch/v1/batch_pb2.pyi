@@ -376,6 +376,7 @@ class GenerateContentBatch(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     WEBHOOK_CONFIG_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model, `models/{model}`, that runs every request."""
     name: _builtins.str
@@ -386,6 +387,11 @@ class GenerateContentBatch(_message.Message):
     """The lifecycle state."""
     priority: _builtins.int
     """Scheduling priority: higher runs first; equal priorities run FIFO."""
+    waiting_reason: _builtins.str
+    """Why the batch's requests are not running now, for example its model's
+    backend unreachable since a given time; empty while they run and once
+    the batch is done.
+    """
     @_builtins.property
     def input_config(self) -> Global___InputConfig:
         """The requests."""
@@ -429,10 +435,11 @@ class GenerateContentBatch(_message.Message):
         state: Global___BatchState.ValueType = ...,
         priority: _builtins.int = ...,
         webhook_config: Global___WebhookConfig | None = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "create_time", b"create_time", "end_time", b"end_time", "input_config", b"input_config", "output", b"output", "update_time", b"update_time", "webhook_config", b"webhook_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "input_config", b"input_config", "model", b"model", "name", b"name", "output", b"output", "priority", b"priority", "state", b"state", "update_time", b"update_time", "webhook_config", b"webhook_config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "input_config", b"input_config", "model", b"model", "name", b"name", "output", b"output", "priority", b"priority", "state", b"state", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "webhook_config", b"webhook_config"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -632,6 +639,7 @@ class EmbedContentBatch(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     WEBHOOK_CONFIG_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model, `models/{model}`, that runs every request."""
     name: _builtins.str
@@ -642,6 +650,11 @@ class EmbedContentBatch(_message.Message):
     """The lifecycle state."""
     priority: _builtins.int
     """Scheduling priority: higher runs first; equal priorities run FIFO."""
+    waiting_reason: _builtins.str
+    """Why the batch's requests are not running now, for example its model's
+    backend unreachable since a given time; empty while they run and once
+    the batch is done.
+    """
     @_builtins.property
     def input_config(self) -> Global___InputEmbedContentConfig:
         """The requests."""
@@ -685,10 +698,11 @@ class EmbedContentBatch(_message.Message):
         state: Global___BatchState.ValueType = ...,
         priority: _builtins.int = ...,
         webhook_config: Global___WebhookConfig | None = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "create_time", b"create_time", "end_time", b"end_time", "input_config", b"input_config", "output", b"output", "update_time", b"update_time", "webhook_config", b"webhook_config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "input_config", b"input_config", "model", b"model", "name", b"name", "output", b"output", "priority", b"priority", "state", b"state", "update_time", b"update_time", "webhook_config", b"webhook_config"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_stats", b"batch_stats", "create_time", b"create_time", "display_name", b"display_name", "end_time", b"end_time", "input_config", b"input_config", "model", b"model", "name", b"name", "output", b"output", "priority", b"priority", "state", b"state", "update_time", b"update_time", "waiting_reason", b"waiting_reason", "webhook_config", b"webhook_config"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
