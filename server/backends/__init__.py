@@ -20,4 +20,8 @@ def create_backend(model: ModelConfig) -> Backend:
         return EchoBackend(latency_s=model.latency_s)
     if model.backend == "gemini-http":
         return GeminiHttpBackend.from_config(model)
+    if model.backend == "sentence-transformers":
+        # Imported here: only a model that uses it needs the optional extra.
+        from .sentence_transformers import SentenceTransformersBackend
+        return SentenceTransformersBackend.from_config(model)
     raise ConfigError(f"{model.name}: unknown backend {model.backend!r} (built in: echo, gemini-http)")

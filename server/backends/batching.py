@@ -14,6 +14,7 @@ waiting at all.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -57,6 +58,7 @@ class MicroBatcher(Generic[T, R]):
         self._in_flight = 0
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.calls = 0
         """Groups sent so far (for tests and metrics)."""
         self.items = 0
@@ -66,8 +68,11 @@ class MicroBatcher(Generic[T, R]):
         """The result for one item, once its group has run.
 
         Raises:
-            BackendError: the item's own error, or its group's.
+            BackendError: the item's own error, or its group's; UNAVAILABLE
+                once :meth:`aclose` has been called.
         """
+        if self._closed:
+            raise BackendError(code_pb2.UNAVAILABLE, "the backend is shut down")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
         self._pending.append((item, future, loop.time()))
@@ -75,7 +80,9 @@ class MicroBatcher(Generic[T, R]):
         return await future
 
     async def aclose(self) -> None:
-        """Wait for the groups under way; fail what is still gathering."""
+        """Wait for the groups under way; fail what is still gathering and
+        every later :meth:`submit`."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -100,14 +107,21 @@ class MicroBatcher(Generic[T, R]):
                 if self._timer is None:
                     self._timer = loop.call_at(oldest + self._max_wait_s, self._fire)
                 return
-            group = [pending.popleft() for _ in range(min(self._max_size, len(pending)))]
-            group = [g for g in group if not g[1].done()]
+            # Take live items only: a waiter cancelled while it gathered
+            # must not cost a place in the group.
+            group: list[tuple[T, asyncio.Future[R], float]] = []
+            while pending and len(group) < self._max_size:
+                entry = pending.popleft()
+                if not entry[1].done():
+                    group.append(entry)
             if not group:
                 continue
             self._in_flight += 1
             task = loop.create_task(self._run(group))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            # Accounting in a done callback, not in _run's finally: a task
+            # cancelled before its first step never enters its body.
+            task.add_done_callback(functools.partial(self._finished, group))
 
     def _fire(self) -> None:
         self._timer = None
@@ -121,22 +135,26 @@ class MicroBatcher(Generic[T, R]):
             if len(results) != len(group):
                 raise BackendError(code_pb2.INTERNAL,
                                    f"backend answered {len(results)} results for {len(group)} inputs")
-        except BaseException as e:  # every waiter must hear of it, cancellation included
+        except Exception as e:  # every waiter of the group must hear of it
             for _, future, _ in group:
                 if not future.done():
-                    error = e if isinstance(e, Exception) else BackendError(code_pb2.CANCELLED, "cancelled")
-                    future.set_exception(error)
-            if not isinstance(e, Exception):
-                raise
-        else:
-            for (_, future, _), result in zip(group, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, BackendError):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-        finally:
-            self._in_flight -= 1
-            if self._pending:
-                self._launch()
+                    future.set_exception(e)
+            return
+        for (_, future, _), result in zip(group, results, strict=True):
+            if future.done():  # its waiter was cancelled meanwhile
+                continue
+            if isinstance(result, BackendError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    def _finished(self, group: list[tuple[T, asyncio.Future[R], float]], task: asyncio.Task[None]) -> None:
+        """A group's task ended, however: free its slot, fail any waiter it
+        left (it was cancelled), and start what gathered meanwhile."""
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        for _, future, _ in group:
+            if not future.done():
+                future.set_exception(BackendError(code_pb2.CANCELLED, "the group's call was cancelled"))
+        if self._pending and not self._closed:
+            self._launch()

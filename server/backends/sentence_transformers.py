@@ -1,0 +1,344 @@
+"""The ``sentence-transformers`` backend: an embedding model in the server process.
+
+The model is loaded once from a local folder (or a name already in the local
+Hugging Face cache; nothing is ever downloaded) and every ``encode`` runs on
+one dedicated thread, ``longbatch-encode``: the only place this module
+touches torch or numpy. The event loop never waits on the model.
+
+The executor calls :meth:`SentenceTransformersBackend.embed` once per request,
+from every running embed batch of the model at once. A :class:`MicroBatcher`
+turns those calls into ``encode`` calls of up to ``batch_size`` texts, waiting
+at most ``max_wait`` for a group to fill, one group at a time, so the next
+group gathers while the current one encodes: batched encode is ~4.5 times faster
+per text than one text per call on a CPU.
+
+Model options (extra keys of the model's ``[[models]]`` table):
+
+* ``model`` (required): a folder holding a sentence-transformers (or plain
+  transformers) model, relative to the server's working directory, or a
+  model id such as ``sentence-transformers/all-MiniLM-L6-v2`` that is already
+  in the local Hugging Face cache.
+* ``device``: ``cpu`` (default), ``cuda``, ``cuda:1``, ``mps``, …
+* ``batch_size``: texts per ``encode`` call at most (default 64).
+* ``max_wait``: how long a group waits to fill, a duration (default ``5ms``).
+* ``normalize``: return unit-length vectors (default true); false returns
+  the model's raw vectors.
+* ``prompts``: a table from task type to a template with ``{text}`` and,
+  optionally, ``{title}``, e.g. ``RETRIEVAL_QUERY = "query: {text}"``. Keys
+  are Gemini task type names (``RETRIEVAL_DOCUMENT``, with or without the
+  ``TASK_TYPE_`` prefix, any case) or ``default`` for a request whose task
+  type is unset or not listed. Without a template the text is embedded as
+  it is, and task type and title are ignored (right for all-MiniLM-L6-v2).
+* ``default_title``: what ``{title}`` becomes in a request without a title
+  (default empty).
+
+``output_dimensionality`` below the model's dimension keeps the first
+components and scales them back to unit length (unless ``normalize`` is
+false, when they are only cut); above it is an ``INVALID_ARGUMENT`` item
+error. A non-text part is ``INVALID_ARGUMENT``; generation is
+``UNIMPLEMENTED``. Texts longer than the model's ``max_seq_length`` tokens
+are cut by the model, as sentence-transformers does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+import re
+import string
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from google.rpc import code_pb2
+
+from longbatch.v1 import content_pb2
+
+from ..config import ConfigError, ModelConfig, parse_duration
+from .base import BackendError
+from .batching import MicroBatcher
+
+__all__ = ["SentenceTransformersBackend"]
+
+log = logging.getLogger("longbatch.backends.sentence_transformers")
+
+_OPTIONS = frozenset({"model", "device", "batch_size", "max_wait", "normalize", "prompts", "default_title"})
+_DEVICE = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")
+# A Hugging Face model id: "name" or "owner/name".
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+_TASK_PREFIX = "TASK_TYPE_"
+_TASK_TYPES = {
+    name.removeprefix(_TASK_PREFIX): number
+    for name, number in content_pb2.TaskType.items()
+    if number != content_pb2.TASK_TYPE_UNSPECIFIED
+}
+_DEFAULT_KEY = "default"
+_FIELDS = frozenset({"text", "title"})
+_MAX_BATCH_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One request as the encode thread needs it."""
+
+    text: str
+    dim: int | None
+
+
+class SentenceTransformersBackend:
+    """Embeds with a sentence-transformers model on one dedicated thread,
+    many requests per ``encode`` call."""
+
+    def __init__(self, *, name: str, model_path: str, device: str = "cpu", batch_size: int = 64,
+                 max_wait_s: float = 0.005, normalize: bool = True, prompts: dict[int, str] | None = None,
+                 default_prompt: str | None = None, default_title: str = "") -> None:
+        """Start loading the model on the encode thread and return at once.
+
+        The first group of requests waits for the load (a few seconds, most
+        of it importing torch); a model that fails to load fails every
+        request with FAILED_PRECONDITION and the reason.
+
+        Args:
+            name: the longbatch model name, for messages.
+            model_path: a folder holding the model, already checked to exist.
+            device: torch device to run on.
+            batch_size: texts per ``encode`` call at most.
+            max_wait_s: how long a group waits to fill.
+            normalize: return unit-length vectors.
+            prompts: templates by TaskType number, already validated.
+            default_prompt: the template for any other task type; None for the text alone.
+            default_title: ``{title}`` of a request without a title.
+        """
+        self._name = name
+        self._path = model_path
+        self._device = device
+        self._normalize = normalize
+        self._prompts = prompts or {}
+        self._default_prompt = default_prompt
+        self._default_title = default_title
+        self._dim: int | None = None
+        self._model: Any = None
+        self._load_error: BackendError | None = None
+        self.encode_calls = 0
+        """``encode`` calls made for requests so far (the warm-up not counted)."""
+        self.encoded_texts = 0
+        """Texts encoded for requests so far."""
+        # One thread: torch already spreads one encode over the cores, and
+        # two encodes at once would only contend for them.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longbatch-encode")
+        self._loaded = self._thread.submit(self._load)
+        self._batcher: MicroBatcher[_Item, list[float]] = MicroBatcher(
+            self._encode_group, max_size=batch_size, max_wait_s=max_wait_s, max_in_flight=1)
+
+    @classmethod
+    def from_config(cls, model: ModelConfig) -> SentenceTransformersBackend:
+        """Validate a model's options, find its files and start loading it.
+
+        Raises:
+            ConfigError: an option is unknown, missing or malformed, the model
+                is not on this machine, or sentence-transformers is not installed.
+        """
+        where = f"{model.name} (backend sentence-transformers)"
+        opts = model.options
+        if unknown := sorted(set(opts) - _OPTIONS):
+            raise ConfigError(f"{where}: unknown options {', '.join(unknown)} (known: {', '.join(sorted(_OPTIONS))})")
+        if "model" not in opts:
+            raise ConfigError(f"{where}: model is required, e.g. model = \"./models/all-MiniLM-L6-v2\"")
+        ref = opts["model"]
+        if not isinstance(ref, str) or not ref.strip():
+            raise ConfigError(f"{where}: model must be a folder or a cached model id, got {ref!r}")
+        device = opts.get("device", "cpu")
+        if not isinstance(device, str) or not _DEVICE.fullmatch(device):
+            raise ConfigError(f"{where}: device must be a torch device like 'cpu', 'cuda' or 'cuda:1', got {device!r}")
+        batch_size = opts.get("batch_size", 64)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= _MAX_BATCH_SIZE:
+            raise ConfigError(f"{where}: batch_size must be an integer from 1 to {_MAX_BATCH_SIZE}, got {batch_size!r}")
+        max_wait_s = parse_duration(opts.get("max_wait", "5ms"), f"{where}: max_wait")
+        if max_wait_s > 10:
+            raise ConfigError(f"{where}: max_wait must be at most 10s: each request waits that long for company")
+        normalize = opts.get("normalize", True)
+        if not isinstance(normalize, bool):
+            raise ConfigError(f"{where}: normalize must be true or false, got {normalize!r}")
+        default_title = opts.get("default_title", "")
+        if not isinstance(default_title, str):
+            raise ConfigError(f"{where}: default_title must be a string, got {default_title!r}")
+        prompts, default_prompt = _prompts(opts.get("prompts", {}), where)
+        if importlib.util.find_spec("sentence_transformers") is None:
+            raise ConfigError(f"{where}: the sentence-transformers package is not installed; "
+                              "pip install 'longbatch[local]'")
+        path = _resolve_model(ref, where)
+        return cls(name=model.name, model_path=path, device=device, batch_size=batch_size, max_wait_s=max_wait_s,
+                   normalize=normalize, prompts=prompts, default_prompt=default_prompt, default_title=default_title)
+
+    # -- Backend protocol ------------------------------------------------------------
+
+    async def generate(self, request: content_pb2.GenerateContentRequest) -> content_pb2.GenerateContentResponse:
+        """Always fails: an embedding model does not generate."""
+        raise BackendError(code_pb2.UNIMPLEMENTED,
+                           f"{self._name} is an embedding model (backend sentence-transformers): "
+                           "it answers embed batches only")
+
+    async def embed(self, request: content_pb2.EmbedContentRequest) -> content_pb2.EmbedContentResponse:
+        """Embed one request, in a group with whatever else is waiting.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT for a non-text part or an
+                ``output_dimensionality`` above the model's; FAILED_PRECONDITION
+                when the model did not load.
+        """
+        text = self._text(request)
+        dim = request.output_dimensionality if request.HasField("output_dimensionality") else None
+        if dim is not None:
+            known = self._dim  # set once the model has loaded; the encode thread checks again
+            if dim < 1 or (known is not None and dim > known):
+                raise _bad_dimension(dim, known)
+        values = await self._batcher.submit(_Item(text, dim))
+        return content_pb2.EmbedContentResponse(embedding=content_pb2.ContentEmbedding(values=values))
+
+    async def aclose(self) -> None:
+        """Finish the group under way, fail those gathering, stop the thread."""
+        await self._batcher.aclose()
+        # Waits for a load still under way (at most a few seconds): a thread
+        # left importing torch would hold the interpreter's exit anyway.
+        await asyncio.to_thread(self._thread.shutdown, True, cancel_futures=True)
+        self._model = None
+
+    # -- on the event loop ---------------------------------------------------------
+
+    def _text(self, request: content_pb2.EmbedContentRequest) -> str:
+        """The text to encode: the parts joined, put in the task type's template."""
+        parts = request.content.parts
+        for k, part in enumerate(parts):
+            kind = part.WhichOneof("data")
+            if kind != "text":
+                raise BackendError(code_pb2.INVALID_ARGUMENT,
+                                   f"content.parts[{k}] is {kind or 'empty'}: the sentence-transformers backend "
+                                   "embeds text only")
+        text = "\n".join([p.text for p in parts])
+        template = self._prompts.get(request.task_type, self._default_prompt)
+        if template is None:
+            return text
+        title = request.title if request.HasField("title") else self._default_title
+        return template.format(text=text, title=title)
+
+    async def _encode_group(self, items: list[_Item]) -> list[list[float] | BackendError]:
+        # The boundary between the loop and the model: everything past it
+        # runs on the encode thread.
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode, items)
+
+    # -- on the encode thread ------------------------------------------------------
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            try:  # the per-file "Loading weights" bar would go to the server's stderr
+                from transformers.utils import logging as hf_logging
+                hf_logging.disable_progress_bar()
+            except (ImportError, AttributeError):
+                pass
+            model = SentenceTransformer(self._path, device=self._device, local_files_only=True)
+            # One encode now: it gives the dimension on any version of the
+            # library, and the first group does not pay for lazy set-up.
+            warm = model.encode(["warm-up"], convert_to_numpy=True, show_progress_bar=False)
+        except Exception as e:
+            log.exception("%s: cannot load the sentence-transformers model %s", self._name, self._path)
+            self._load_error = BackendError(code_pb2.FAILED_PRECONDITION,
+                                            f"{self._name}: the model {self._path} did not load: "
+                                            f"{type(e).__name__}: {_first_line(e)}")
+            return
+        self._dim = int(warm.shape[1])
+        self._model = model
+        log.info("%s: loaded %s on %s (%d dimensions) in %.1fs on thread %s", self._name, self._path, self._device,
+                 self._dim, time.perf_counter() - started, threading.current_thread().name)
+
+    def _encode(self, items: list[_Item]) -> list[list[float] | BackendError]:
+        """Vectors for a group, one entry per item, truncated as each asks."""
+        import numpy as np  # a dependency of sentence-transformers, so present once the model loaded
+
+        if self._load_error is not None:
+            raise self._load_error
+        model, full = self._model, self._dim
+        if model is None or full is None:
+            raise BackendError(code_pb2.UNAVAILABLE, f"{self._name}: the model is shut down")
+        vectors = model.encode([item.text for item in items], batch_size=len(items), convert_to_numpy=True,
+                               normalize_embeddings=self._normalize, show_progress_bar=False)
+        self.encode_calls += 1
+        self.encoded_texts += len(items)
+        out: list[list[float] | BackendError] = []
+        for item, row in zip(items, vectors, strict=True):
+            if item.dim is None or item.dim == full:
+                out.append(row.tolist())
+            elif item.dim > full:
+                out.append(_bad_dimension(item.dim, full))
+            else:
+                cut = row[: item.dim]
+                if self._normalize:
+                    # Matryoshka-style: the leading components, back to unit length.
+                    norm = float(np.linalg.norm(cut))
+                    if norm > 0.0:
+                        cut = cut / norm
+                out.append(cut.tolist())
+        return out
+
+
+def _bad_dimension(dim: int, full: int | None) -> BackendError:
+    within = f"1..{full} for this model" if full is not None else "at least 1"
+    return BackendError(code_pb2.INVALID_ARGUMENT, f"output_dimensionality {dim} is out of range: must be {within}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _prompts(table: Any, where: str) -> tuple[dict[int, str], str | None]:
+    """The ``prompts`` table as templates by TaskType number, and the default."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: prompts must be a table of task type = \"template\", got {table!r}")
+    by_type: dict[int, str] = {}
+    default: str | None = None
+    for key, template in table.items():
+        at = f"{where}: prompts.{key}"
+        if not isinstance(template, str):
+            raise ConfigError(f"{at} must be a string like \"query: {{text}}\", got {template!r}")
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as e:
+            raise ConfigError(f"{at}: not a template ({e}); write a literal brace as {{{{ or }}}}") from None
+        if odd := fields - _FIELDS:
+            raise ConfigError(f"{at}: unknown placeholder {{{sorted(odd)[0]}}} (known: {{text}}, {{title}})")
+        if "text" not in fields:
+            raise ConfigError(f"{at} must contain {{text}}")
+        if key.lower() == _DEFAULT_KEY:
+            default = template
+            continue
+        number = _TASK_TYPES.get(key.upper().removeprefix(_TASK_PREFIX))
+        if number is None:
+            raise ConfigError(f"{at}: unknown task type (known: {', '.join(sorted(_TASK_TYPES))}, {_DEFAULT_KEY})")
+        by_type[number] = template
+    return by_type, default
+
+
+def _resolve_model(ref: str, where: str) -> str:
+    """The folder of the model ``ref`` names, without any network access."""
+    folder = Path(ref).expanduser()
+    if folder.is_dir():
+        if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+            raise ConfigError(f"{where}: model: {ref} holds no model (no modules.json or config.json)")
+        return str(folder.resolve())
+    if ref.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(ref):
+        raise ConfigError(f"{where}: model: no folder {ref}")
+    # An id: only a copy already in the local cache will do.
+    from huggingface_hub import snapshot_download
+
+    try:
+        return str(snapshot_download(ref, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError and kin: it is not here
+        raise ConfigError(f"{where}: model: no folder {ref} and no {ref} in the local Hugging Face cache "
+                          "(models are never downloaded; copy it here first)") from None
