@@ -6,8 +6,9 @@ from ..config import ConfigError, ModelConfig
 from .base import Backend, BackendError
 from .echo import EchoBackend
 from .gemini_http import GeminiHttpBackend
+from .openai import OpenAIBackend
 
-__all__ = ["Backend", "BackendError", "EchoBackend", "GeminiHttpBackend", "create_backend"]
+__all__ = ["Backend", "BackendError", "EchoBackend", "GeminiHttpBackend", "OpenAIBackend", "create_backend"]
 
 
 def create_backend(model: ModelConfig) -> Backend:
@@ -24,4 +25,7 @@ def create_backend(model: ModelConfig) -> Backend:
         # Imported here: only a model that uses it needs the optional extra.
         from .sentence_transformers import SentenceTransformersBackend
         return SentenceTransformersBackend.from_config(model)
-    raise ConfigError(f"{model.name}: unknown backend {model.backend!r} (built in: echo, gemini-http)")
+    if model.backend == "openai":
+        return OpenAIBackend.from_config(model)
+    raise ConfigError(f"{model.name}: unknown backend {model.backend!r} "
+                      "(built in: echo, gemini-http, openai, sentence-transformers)")

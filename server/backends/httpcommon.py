@@ -364,15 +364,16 @@ class OptionReader:
             raise self.error(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
         return str(value)
 
-    def duration(self, key: str, default: float | None = None) -> float | None:
-        """A positive duration (``"30s"``, ``"500ms"`` or seconds) in seconds."""
+    def duration(self, key: str, default: float | None = None, *, zero: bool = False) -> float | None:
+        """A positive (or with ``zero``, non-negative) duration (``"30s"``,
+        ``"500ms"`` or seconds) in seconds, or ``default`` when unset."""
         if key not in self._opts:
             return default
         value = self._opts[key]
         if not isinstance(value, str | int | float):
             raise self.error(key, f"must be a duration like '30s', got {value!r}")
         seconds = parse_duration(value, f"{self.where}: {key}")
-        if not (seconds > 0 and math.isfinite(seconds)):
+        if not math.isfinite(seconds) or (seconds == 0 and not zero):
             raise self.error(key, "must be positive")
         return seconds
 
