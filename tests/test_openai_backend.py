@@ -440,20 +440,23 @@ async def test_a_retryable_embeddings_error_fails_the_group_for_retry(fake: Fake
     assert fake.stats.embed_calls == 1
 
 
-async def test_task_types_need_task_prompts(fake: FakeOpenAI, backends: Backends) -> None:
+async def test_task_types_and_titles_through_prompts(fake: FakeOpenAI, backends: Backends) -> None:
     doc = embed_request("the text", task_type=content_pb2.TaskType.TASK_TYPE_RETRIEVAL_DOCUMENT, title="A title")
-    e = await failure(backends().embed(doc))
-    assert e.code == code_pb2.INVALID_ARGUMENT and "task_type" in e.message and "task_prompts" in e.message
-    assert fake.stats.embed_calls == 0
-    templated = backends(task_prompts={"RETRIEVAL_DOCUMENT": "title: {title} | text: {text}",
-                                       "default": "query: {text}"}, embed_max_wait="1ms")
+    two_parts = content_pb2.EmbedContentRequest(content=content_pb2.Content(parts=[
+        content_pb2.Part(text="first"), content_pb2.Part(text="second")]))
+    # No templates: the text alone, as an OpenAI embeddings endpoint takes it.
+    await backends(embed_max_wait=0).embed(doc)
+    await backends(embed_max_wait=0).embed(two_parts)
+    templated = backends(prompts={"retrieval_document": "title: {title} | text: {text}",
+                                  "TASK_TYPE_RETRIEVAL_QUERY": "query: {text}", "default": "other: {text}"},
+                         default_title="none", embed_max_wait=0)
     await templated.embed(doc)
     await templated.embed(embed_request("q", task_type=content_pb2.TaskType.TASK_TYPE_RETRIEVAL_QUERY))
     await templated.embed(embed_request("plain"))
-    assert [b["input"] for b in fake.embed_bodies] == [["title: A title | text: the text"], ["query: q"],
-                                                       ["query: plain"]]
-    await backends(task_prompts={}).embed(doc)
-    assert fake.embed_bodies[-1]["input"] == ["the text"]
+    await templated.embed(embed_request("untitled", task_type=content_pb2.TaskType.TASK_TYPE_RETRIEVAL_DOCUMENT))
+    assert [b["input"] for b in fake.embed_bodies] == [
+        ["the text"], ["first\nsecond"], ["title: A title | text: the text"], ["query: q"], ["other: plain"],
+        ["title: none | text: untitled"]]
 
 
 async def test_embeddings_garbage_is_internal(fake: FakeOpenAI, backends: Backends) -> None:
@@ -485,8 +488,11 @@ async def test_embeddings_garbage_is_internal(fake: FakeOpenAI, backends: Backen
     ({"base_url": "http://h/v1", "embed_batch_size": 5000}, "embed_batch_size must be an integer from 1 to 4096"),
     ({"base_url": "http://h/v1", "embed_max_wait": -1}, "embed_max_wait: must not be negative"),
     ({"base_url": "http://h/v1", "embed_max_wait": "1 minute"}, "embed_max_wait: expected a duration"),
-    ({"base_url": "http://h/v1", "task_prompts": {"SEARCH": "{text}"}}, "task_prompts has unknown task type 'SEARCH'"),
-    ({"base_url": "http://h/v1", "task_prompts": {"default": "q: {txt}"}}, "task_prompts default must use {text}"),
+    ({"base_url": "http://h/v1", "prompts": {"SEARCH": "{text}"}}, "prompts.SEARCH is not a task type (known:"),
+    ({"base_url": "http://h/v1", "prompts": {"default": "q: {txt}"}}, "prompts.default has an unknown placeholder"),
+    ({"base_url": "http://h/v1", "prompts": {"default": "q: {title}"}}, "prompts.default must contain {text}"),
+    ({"base_url": "http://h/v1", "prompts": {"default": "q: {text"}}, "prompts.default is not a template"),
+    ({"base_url": "http://h/v1", "prompts": "query: {text}"}, "prompts must be a table"),
     ({"base_url": "http://h/v1", "extra_body": {"n": 2}}, "extra_body must not set n"),
     ({"base_url": "http://h/v1", "headers": {"Authorization": "x"}}, "headers must not set Authorization"),
     ({"base_url": "http://h/v1", "top_k": 5}, "unknown options top_k (known: api_key, base_url,"),
@@ -718,3 +724,23 @@ async def test_fake_runs_as_a_subprocess(backends: Backends) -> None:
         if proc.returncode is None:
             proc.kill()
             await asyncio.wait_for(proc.wait(), 10)
+
+
+def test_calls_work_on_uvloop() -> None:
+    # `longbatch serve` runs on uvloop when it is installed, whose transports
+    # are not asyncio.Transport instances: the HTTP client must not care.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        fake = FakeOpenAI()
+        await fake.start()
+        backend = create_backend(ModelConfig(name=MODEL, backend="openai", options={"base_url": fake.url}))
+        try:
+            answers = await asyncio.gather(*(backend.generate(request(user(f"q{i}"))) for i in range(4)))
+            assert [texts(a) for a in answers] == [[f"q{i}"] for i in range(4)]
+        finally:
+            await backend.aclose()
+            await fake.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(main(), 20))

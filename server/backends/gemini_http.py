@@ -31,7 +31,7 @@ from longbatch.v1 import content_pb2
 
 from ..config import ModelConfig
 from .base import BackendError
-from .httpcommon import HttpClient, OptionReader, endpoint
+from .httpcommon import HttpClient, OptionReader
 
 OPTIONS = ("base_url", "api_key", "remote_model", "timeout", "connect_timeout")
 """The keys a gemini-http model's table may hold besides the common ones."""
@@ -62,13 +62,13 @@ class GeminiHttpBackend:
         self.base_url = base_url
         self._generate_url = f"{base_url}/v1beta/{remote_model}:generateContent"
         self._embed_url = f"{base_url}/v1beta/{remote_model}:embedContent"
-        self._generate_endpoint = endpoint(base_url, f"/v1beta/{remote_model}:generateContent")
-        self._embed_endpoint = endpoint(base_url, f"/v1beta/{remote_model}:embedContent")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if api_key:
             headers["x-goog-api-key"] = api_key
-        self._http = HttpClient(headers=headers, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
+        self._http = HttpClient(base_url, headers=headers, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
                                 max_concurrency=max_concurrency, secret=api_key, name="gemini-http")
+        self._generate_endpoint = self._http.endpoint(f"/v1beta/{remote_model}:generateContent")
+        self._embed_endpoint = self._http.endpoint(f"/v1beta/{remote_model}:embedContent")
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> GeminiHttpBackend:

@@ -58,7 +58,7 @@ from ..retry import retry_after_from_headers
 from .base import BackendError
 
 __all__ = [
-    "MAX_MESSAGE_BYTES", "HttpClient", "OptionReader", "endpoint", "error_detail", "excerpt", "status_error",
+    "MAX_MESSAGE_BYTES", "HttpClient", "OptionReader", "error_detail", "excerpt", "status_error",
 ]
 
 MAX_MESSAGE_BYTES = 1024
@@ -187,11 +187,14 @@ def excerpt(text: str, secret: str | None = None, limit: int = MAX_MESSAGE_BYTES
 class HttpClient:
     """A pooled HTTP client for one backend instance; see the module docstring."""
 
-    def __init__(self, *, headers: Mapping[str, str], timeout_s: float | None, connect_timeout_s: float | None,
-                 max_concurrency: int, secret: str | None = None, name: str = "http") -> None:
+    def __init__(self, base_url: str, *, headers: Mapping[str, str], timeout_s: float | None,
+                 connect_timeout_s: float | None, max_concurrency: int, secret: str | None = None,
+                 name: str = "http") -> None:
         """Build the client; the session opens on the first call.
 
         Args:
+            base_url: ``http(s)://host[:port][/prefix]``, already validated;
+                :meth:`endpoint` paths go below it.
             headers: sent with every call (the API key among them).
             timeout_s: a whole call's limit, seconds; None for none (the
                 executor's ``request_timeout`` watchdog still bounds it).
@@ -200,6 +203,7 @@ class HttpClient:
             secret: the API key, replaced by ``***`` in every message.
             name: the backend's name, for "shut down" errors.
         """
+        self._base_url = base_url
         self._headers = dict(headers)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
         self.timeout_s = timeout_s
@@ -209,17 +213,18 @@ class HttpClient:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
-    def session(self) -> aiohttp.ClientSession:
-        """The pooled session, opened on first use.
+    def endpoint(self, path: str) -> URL:
+        """The target of ``POST {base_url}{path}``, parsed once rather than per call."""
+        return URL(self._base_url + path, encoded=True)
 
-        Raises:
-            BackendError: UNAVAILABLE once :meth:`aclose` was called.
-        """
+    def _client(self) -> aiohttp.ClientSession:
+        # Created lazily: a session belongs to the running loop, and the
+        # backend is built before the server's loop runs it.
         session = self._session
         if session is None:
             if self._closed:
                 raise BackendError(code_pb2.UNAVAILABLE, f"the {self._name} backend is shut down", retryable=False)
-            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0, keepalive_timeout=30)
+            connector = aiohttp.TCPConnector(limit=self._limit, limit_per_host=0)
             session = self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, headers=self._headers, trust_env=False,
                 # A model server has no business setting cookies, and a real
@@ -228,20 +233,22 @@ class HttpClient:
             )
         return session
 
-    async def post(self, url: URL, body: bytes) -> tuple[int, bytes, Mapping[str, str]]:
-        """POST ``body`` (JSON) and read the whole answer.
+    async def post(self, endpoint: URL, body: bytes) -> tuple[int, bytes, Mapping[str, str]]:
+        """POST ``body`` (JSON) to an :meth:`endpoint` and read the whole answer.
 
         Returns:
-            ``(status, body, headers)`` for any HTTP answer, 2xx or not.
+            ``(status, body, headers)`` for any HTTP answer, 2xx or not
+            (headers looked up case-insensitively); redirects are returned,
+            not followed.
 
         Raises:
             BackendError: the server could not be reached or did not answer.
         """
         try:
-            async with self.session().post(url, data=body, allow_redirects=False) as resp:
+            async with self._client().post(endpoint, data=body, allow_redirects=False) as resp:
                 return resp.status, await resp.read(), resp.headers
         except TimeoutError as e:
-            # aiohttp's own timeouts; the executor's watchdog cancels instead.
+            # Our own timeout option; the executor's watchdog cancels instead.
             within = f" within {self.timeout_s:g}s" if self.timeout_s else ""
             raise BackendError(code_pb2.DEADLINE_EXCEEDED, f"model server did not answer{within}",
                                retryable=True, outage=True) from e
@@ -412,7 +419,3 @@ class OptionReader:
             raise self.error(key, f"{value!r} has port 0")
         return value.rstrip("/")
 
-
-def endpoint(base_url: str, path: str) -> URL:
-    """``base_url + path`` as a pre-encoded URL, parsed once rather than per call."""
-    return URL(base_url + path, encoded=True)

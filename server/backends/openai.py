@@ -56,10 +56,12 @@ The mapping, both ways (docs/backends.md has the same table for users)::
 
     EmbedContentRequest                 embeddings body / answer
     ----------------------------------  -----------------------------------------------
-    content.parts[].text                input[j] (texts joined with ""), many requests
-                                        per call; non-text part: INVALID_ARGUMENT
-    task_type, title                    task_prompts[task] template ("{title}", "{text}")
-                                        when the option is set, else INVALID_ARGUMENT
+    content.parts[].text                input[j] (texts joined with "\n", as the
+                                        sentence-transformers backend does), many
+                                        requests per call; non-text part: INVALID_ARGUMENT
+    task_type, title                    the prompts[task type] (or prompts.default)
+                                        template's {title} and {text}; with no
+                                        template the text alone
     output_dimensionality d             dimensions d (supports_dimensions = true); else,
                                         and whenever the server answers more, the
                                         vector is cut to d and scaled back to unit
@@ -99,14 +101,14 @@ from ..config import ModelConfig
 from ..wire import tagged, varint
 from .base import BackendError
 from .batching import MicroBatcher
-from .httpcommon import HttpClient, OptionReader, endpoint, error_detail
+from .httpcommon import HttpClient, OptionReader, error_detail
 
 log = logging.getLogger("longbatch.backends.openai")
 
 OPTIONS = (
     "base_url", "api_key", "remote_model", "timeout", "connect_timeout", "supports_top_k", "supports_n",
     "supports_dimensions", "system_role", "max_tokens_field", "default_max_tokens", "embed_batch_size",
-    "embed_max_wait", "task_prompts", "extra_body", "headers",
+    "embed_max_wait", "prompts", "default_title", "extra_body", "headers",
 )
 """The keys an openai model's table may hold besides the common ones."""
 
@@ -130,9 +132,8 @@ FINISH_REASONS: dict[Any, int] = {
 _OTHER = _F.FINISH_REASON_OTHER
 
 _TASK_PREFIX = "TASK_TYPE_"
-_TASK_KEYS = {v.number: v.name.removeprefix(_TASK_PREFIX) for v in content_pb2.TaskType.DESCRIPTOR.values
-              if v.number != 0}
-_TASK_NAMES = tuple(_TASK_KEYS.values())
+_TASK_NUMBERS = {v.name.removeprefix(_TASK_PREFIX): v.number for v in content_pb2.TaskType.DESCRIPTOR.values
+                 if v.number != 0}
 
 # Wire tags of GenerateContentResponse and its parts (content.proto).
 _T_CANDIDATE = b"\x0a"        # GenerateContentResponse.candidates = 1
@@ -161,8 +162,8 @@ class OpenAIBackend:
                  supports_dimensions: bool = False, system_role: bool = True,
                  max_tokens_field: str = "max_tokens", default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  embed_batch_size: int = DEFAULT_EMBED_BATCH, embed_max_wait_s: float = DEFAULT_EMBED_WAIT_S,
-                 task_prompts: Mapping[str, str] | None = None, extra_body: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 prompts: Mapping[int, str] | None = None, default_title: str = "",
+                 extra_body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> None:
         """Build the backend (options already validated); HTTP opens on the first call.
 
         Args:
@@ -182,22 +183,23 @@ class OpenAIBackend:
             default_max_tokens: sent when a request sets no limit.
             embed_batch_size: inputs per embeddings call at most.
             embed_max_wait_s: how long an embed request waits for company.
-            task_prompts: templates per task type (``RETRIEVAL_QUERY``, …,
-                ``default``) with ``{text}`` and ``{title}``; None refuses
-                requests that set a task type or title.
+            prompts: templates with ``{text}`` and ``{title}`` by TaskType
+                number, 0 for the default (any other task type).
+            default_title: ``{title}`` of a request without a title.
             extra_body: merged into every chat/completions body.
             headers: extra request headers.
         """
         self.model_name = model_name
         self.base_url = base_url
         self.remote_model = remote_model
-        self._chat_url = endpoint(base_url, "/chat/completions")
-        self._embed_url = endpoint(base_url, "/embeddings")
         all_headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
         if api_key:
             all_headers["Authorization"] = f"Bearer {api_key}"
-        self._http = HttpClient(headers=all_headers, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s,
-                                max_concurrency=max_concurrency, secret=api_key, name="openai")
+        self._http = HttpClient(base_url, headers=all_headers, timeout_s=timeout_s,
+                                connect_timeout_s=connect_timeout_s, max_concurrency=max_concurrency,
+                                secret=api_key, name="openai")
+        self._chat_url = self._http.endpoint("/chat/completions")
+        self._embed_url = self._http.endpoint("/embeddings")
         self._top_k = supports_top_k
         self._n = supports_n
         self._n_ignored = False  # set once the server answered fewer choices than n
@@ -205,7 +207,8 @@ class OpenAIBackend:
         self._max_field = max_tokens_field
         self._default_max = default_max_tokens
         self._dimensions = supports_dimensions
-        self._task_prompts = dict(task_prompts) if task_prompts is not None else None
+        self._prompts = dict(prompts or {})
+        self._default_title = default_title
         self._extra = dict(extra_body or {})
         self._batcher: MicroBatcher[tuple[str, int], content_pb2.EmbedContentResponse] = MicroBatcher(
             self._embed_many, max_size=embed_batch_size, max_wait_s=embed_max_wait_s)
@@ -236,7 +239,8 @@ class OpenAIBackend:
             system_role=opts.flag("system_role", True),
             max_tokens_field=opts.choice("max_tokens_field", MAX_TOKENS_FIELDS, "max_tokens"),
             default_max_tokens=max_tokens, embed_batch_size=batch, embed_max_wait_s=wait,
-            task_prompts=_task_prompts(opts), extra_body=_extra_body(opts), headers=_headers(opts),
+            prompts=_prompts(opts), default_title=opts.string("default_title", "") or "",
+            extra_body=_extra_body(opts), headers=_headers(opts),
         )
 
     # -- Backend protocol ------------------------------------------------------------
@@ -393,21 +397,16 @@ class OpenAIBackend:
     # -- embeddings ------------------------------------------------------------------
 
     def _embed_text(self, request: content_pb2.EmbedContentRequest) -> str:
-        text = _text(request.content.parts, "content")
-        task = request.task_type if request.HasField("task_type") else 0
-        has_title = request.HasField("title")
-        prompts = self._task_prompts
-        if prompts is None:
-            if task or has_title:
-                what = "task_type" if task else "title"
-                raise _Invalid(f"{what} is not supported by {self.model_name} (set its task_prompts option to "
-                               "say how each task type is sent, or task_prompts = {} to send the text alone)")
+        """The input to embed: the text parts joined, put in the task type's template."""
+        text = _text(request.content.parts, "content", "\n")
+        prompts = self._prompts
+        if not prompts:
             return text
-        name = _TASK_KEYS.get(task, "default")
-        template = prompts.get(name, prompts.get("default"))
+        template = prompts.get(request.task_type) or prompts.get(0)
         if template is None:
             return text
-        return template.replace("{title}", request.title).replace("{text}", text)
+        title = request.title if request.HasField("title") else self._default_title
+        return template.format(text=text, title=title)
 
     async def _embed_many(self, items: list[tuple[str, int]]) -> list[content_pb2.EmbedContentResponse | BackendError]:
         """Answers for a group of (text, dimensionality) in as few calls as possible."""
@@ -507,8 +506,8 @@ class OpenAIBackend:
 # -- mapping helpers (pure functions, hot path) -----------------------------------------------
 
 
-def _text(parts: Any, where: str) -> str:
-    """The text parts of a content joined with "" (the form every server takes)."""
+def _text(parts: Any, where: str, sep: str = "") -> str:
+    """The text parts of a content joined (a string: the form every server takes)."""
     texts = []
     for j, part in enumerate(parts):
         kind = part.WhichOneof("data")
@@ -516,7 +515,7 @@ def _text(parts: Any, where: str) -> str:
             what = kind or "empty"
             raise _Invalid(f"{where}.parts[{j}] is {what}; the openai backend sends text parts only")
         texts.append(part.text)
-    return texts[0] if len(texts) == 1 else "".join(texts)
+    return texts[0] if len(texts) == 1 else sep.join(texts)
 
 
 def _float32(value: float) -> float:
@@ -609,27 +608,36 @@ def _embedding(vector: list[Any], dim: int) -> content_pb2.EmbedContentResponse 
 # -- option helpers ------------------------------------------------------------------------
 
 
-def _task_prompts(opts: OptionReader) -> dict[str, str] | None:
-    if "task_prompts" not in opts:
+def _prompts(opts: OptionReader) -> dict[int, str] | None:
+    """The ``prompts`` table by TaskType number (0: ``default``), as the
+    sentence-transformers backend reads its own: task type names in any case,
+    with or without ``TASK_TYPE_``."""
+    if "prompts" not in opts:
         return None
-    table = opts.model.options["task_prompts"]
+    table = opts.model.options["prompts"]
     if not isinstance(table, dict):
-        raise opts.error("task_prompts", "must be a table like { RETRIEVAL_QUERY = \"query: {text}\" }")
-    known = (*_TASK_NAMES, "default")
-    prompts = {}
-    for task, template in table.items():
-        if task not in known:
-            raise opts.error("task_prompts", f"has unknown task type {task!r} (known: {', '.join(known)})")
+        raise opts.error("prompts", 'must be a table like { RETRIEVAL_QUERY = "query: {text}" }')
+    by_type: dict[int, str] = {}
+    for key, template in table.items():
+        at = f"prompts.{key}"
         if not isinstance(template, str):
-            raise opts.error("task_prompts", f"{task} must be a string template with {{text}}")
+            raise opts.error(at, f'must be a string like "query: {{text}}", got {template!r}')
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except ValueError as e:
-            raise opts.error("task_prompts", f"{task} is not a valid template: {e}") from e
-        if "text" not in fields or fields - {"text", "title"}:
-            raise opts.error("task_prompts", f"{task} must use {{text}} and may use {{title}}, got {template!r}")
-        prompts[task] = template
-    return prompts
+            raise opts.error(at, f"is not a template ({e}); write a literal brace as {{{{ or }}}}") from None
+        if odd := fields - {"text", "title"}:
+            raise opts.error(at, f"has an unknown placeholder {{{sorted(odd)[0]}}} (known: {{text}}, {{title}})")
+        if "text" not in fields:
+            raise opts.error(at, "must contain {text}")
+        if key.lower() == "default":
+            by_type[0] = template
+            continue
+        number = _TASK_NUMBERS.get(key.upper().removeprefix(_TASK_PREFIX))
+        if number is None:
+            raise opts.error(at, f"is not a task type (known: {', '.join(_TASK_NUMBERS)}, default)")
+        by_type[number] = template
+    return by_type
 
 
 def _extra_body(opts: OptionReader) -> dict[str, Any] | None:
