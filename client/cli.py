@@ -1,8 +1,17 @@
 """The ``longbatch`` command line: submit, inspect and wait for batches; serve.
 
-Exit codes: 0 success, 1 a failed call or a batch that did not succeed,
-2 bad usage, 130 interrupted. Errors go to stderr as
-``error: CODE_NAME: message``, never as a traceback.
+Exit codes (``submit --wait`` and ``wait`` end with a one-line summary):
+
+- 0: done, and every request of the batch succeeded (other commands: done);
+- 1: a call failed, or something else went wrong (told on stderr);
+- 2: bad usage;
+- 3: the batch SUCCEEDED but some of its requests failed;
+- 4: the batch ended FAILED, CANCELLED or EXPIRED;
+- 5: ``--timeout`` passed first; the batch keeps running;
+- 130: interrupted (Ctrl-C); a batch being waited for keeps running;
+- 141: the reader of stdout went away (``longbatch results … | head``).
+
+Errors go to stderr as ``error: CODE_NAME: message``, never as a traceback.
 """
 
 from __future__ import annotations
@@ -12,20 +21,35 @@ import asyncio
 import importlib
 import os
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TextIO, TypeVar
 
 from longbatch.client import display
 from longbatch.client.client import DEFAULT_TARGET, Client
-from longbatch.client.errors import LongbatchError, Unimplemented
+from longbatch.client.errors import BatchFailed, LongbatchError, Unimplemented
 from longbatch.client.operation import BatchOperation
-from longbatch.client.progress import LiveLine, RateMeter, format_bytes, render_progress
+from longbatch.client.progress import LiveLine, RateMeter, TransferProgress
 from longbatch.v1 import batch_pb2, content_pb2, file_pb2
 
+EXIT_OK = 0
+"""Done; after a wait, every request of the batch succeeded."""
 EXIT_FAILURE = 1
+"""A call failed, or something else went wrong."""
 EXIT_USAGE = 2
-EXIT_BROKEN_PIPE = 141
+"""Bad usage."""
+EXIT_REQUESTS_FAILED = 3
+"""The batch SUCCEEDED, but some of its requests failed."""
+EXIT_BATCH_NOT_SUCCEEDED = 4
+"""The batch ended FAILED, CANCELLED or EXPIRED."""
+EXIT_TIMEOUT = 5
+"""``--timeout`` passed before the batch was done."""
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+
+SUMMARY_SCAN_LIMIT = 100_000
+"""Largest batch whose failed requests a wait counts by error code (it reads
+every result to do so); a larger one's summary gives the count alone."""
 
 
 class UsageError(Exception):
@@ -34,6 +58,10 @@ class UsageError(Exception):
 
 class CommandFailed(Exception):
     """A command failed for a reason best told in plain words (exit code 1)."""
+
+
+class WaitTimedOut(CommandFailed):
+    """``--timeout`` passed before the batch was done (exit code 5)."""
 
 
 _T = TypeVar("_T")
@@ -62,18 +90,25 @@ def embed_requests(prompts: Sequence[str]) -> list[content_pb2.EmbedContentReque
 
 
 async def _upload(
-    client: Client, path: str, err: TextIO, display_name: str | None = None, mime_type: str = "application/jsonl"
+    client: Client,
+    path: str,
+    err: TextIO,
+    display_name: str | None = None,
+    mime_type: str = "application/jsonl",
+    *,
+    empty: str = "there is nothing to upload",
 ) -> file_pb2.File:
     size = await asyncio.to_thread(os.path.getsize, path)
+    if size == 0:
+        # Said here in a user's words; the server's refusal speaks of the API's messages.
+        raise CommandFailed(f"{path} is empty: {empty}")
     line = LiveLine(err, every_s=10.0)
     try:
         uploaded = await client.upload_file(
             path,
             display_name=display_name,
             mime_type=mime_type,
-            progress=lambda sent: line.show(
-                f"uploading {path}  {format_bytes(sent)}/{format_bytes(size)}  {100 * sent // max(size, 1)}%"
-            ),
+            progress=lambda sent: line.show(TransferProgress(f"uploading {path}", sent, size)),
         )
     except Unimplemented as exc:
         raise CommandFailed(
@@ -88,7 +123,11 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: TextIO, err:
     prompts: list[str] = args.prompt or []
     if bool(prompts) == bool(args.jsonl):
         raise UsageError("give either --prompt (one or more) or a JSONL file, not both or neither")
-    file_name = (await _upload(client, args.jsonl, err)).name if args.jsonl else None
+    file_name = (
+        (await _upload(client, args.jsonl, err, empty="a batch file holds one JSON request per line")).name
+        if args.jsonl
+        else None
+    )
     if file_name is not None:
         err.write(f"uploaded {args.jsonl} as {file_name}\n")
     if args.embed:
@@ -114,14 +153,16 @@ async def cmd_submit(client: Client, args: argparse.Namespace, out: TextIO, err:
         return 0
     if args.jsonl:
         # A file batch's results come back as a file: fetch it rather than
-        # streaming a million lines to the terminal.
-        await wait_with_progress(op, args.timeout, err)
-        output = await op.result()
-        if output.WhichOneof("output") == "responses_file":
+        # streaming a million lines to the terminal. A cancelled or expired
+        # batch has one too, with what finished.
+        await wait_with_progress(op, args.timeout, err, args)
+        batch = op.metadata
+        if batch is not None and batch.output.WhichOneof("output") == "responses_file":
             dest = args.output or f"{os.path.splitext(args.jsonl)[0]}.results.jsonl"
-            await _download(client, output.responses_file, dest, err)
-        _print_batch(op, args, out)
-        return 0
+            await _download(client, batch.output.responses_file, dest, err)
+        if args.json:
+            _print_batch(op, args, out)
+        return _conclude(op, await _failure_codes(client, op), args, out, err)
     return await _finish(client, op, args, out, err, print_results=True)
 
 
@@ -129,7 +170,7 @@ async def _download(client: Client, name: str, dest: str, err: TextIO) -> None:
     line = LiveLine(err, every_s=10.0)
     try:
         size = await client.download_file(
-            name, dest, progress=lambda n: line.show(f"downloading {name}  {format_bytes(n)}")
+            name, dest, progress=lambda n: line.show(TransferProgress(f"downloading {name}", n))
         )
     finally:
         line.close()
@@ -139,53 +180,116 @@ async def _download(client: Client, name: str, dest: str, err: TextIO) -> None:
 async def _finish(
     client: Client, op: BatchOperation, args: argparse.Namespace, out: TextIO, err: TextIO, *, print_results: bool
 ) -> int:
-    """Waits with progress, then prints the batch (and results) and raises if it did not succeed."""
-    await wait_with_progress(op, args.timeout, err)
+    """Waits with progress, prints the results (``print_results``, human
+    output, SUCCEEDED) or the batch (``--json``), then the summary; returns
+    the exit code the summary calls for."""
+    await wait_with_progress(op, args.timeout, err, args)
     if print_results and not args.json and op.state == batch_pb2.BATCH_STATE_SUCCEEDED:
+        codes: Counter[str] = Counter()
         async for result in client.stream_results(op.name):
             out.write(display.result_line(result) + "\n")
+            if result.WhichOneof("result") == "error":
+                codes[display.code_name(result.error.code)] += 1
+        failed_by_code: Counter[str] | None = codes
     else:
-        _print_batch(op, args, out)
-    await op.result()  # raises BatchFailed for FAILED / CANCELLED / EXPIRED
-    return 0
+        if args.json:
+            _print_batch(op, args, out)
+        failed_by_code = await _failure_codes(client, op)
+    return _conclude(op, failed_by_code, args, out, err)
 
 
-async def wait_with_progress(op: BatchOperation, limit_s: float | None, err: TextIO) -> None:
+async def _failure_codes(client: Client, op: BatchOperation) -> Counter[str] | None:
+    """How many failed requests of the done batch had each error code; None
+    when none failed or the batch is too large to read for it."""
+    stats = op.stats
+    if stats is None or not stats.failed_request_count or stats.request_count > SUMMARY_SCAN_LIMIT:
+        return None
+    codes: Counter[str] = Counter()
+    async for result in client.stream_results(op.name):
+        if result.WhichOneof("result") == "error":
+            codes[display.code_name(result.error.code)] += 1
+    return codes
+
+
+def _conclude(
+    op: BatchOperation, failed_by_code: Counter[str] | None, args: argparse.Namespace, out: TextIO, err: TextIO
+) -> int:
+    """Prints the summary of a done batch (to stdout, or stderr when stdout
+    carries JSON) and returns the exit code it calls for."""
+    batch = op.metadata
+    if batch is None:
+        raise CommandFailed(f"{op.name} is done but the server sent no batch with it")
+    error = op.operation.error if op.operation.HasField("error") else None
+    if failed_by_code is not None:
+        # Results of requests cancelled or expired read as errors too; they
+        # are counted apart, not as failures.
+        failed_by_code = failed_by_code.copy()
+        failed_by_code.subtract({"CANCELLED": batch.batch_stats.cancelled_request_count,
+                                 "DEADLINE_EXCEEDED": batch.batch_stats.expired_request_count})
+        failed_by_code = +failed_by_code
+    (err if args.json else out).write(display.summary_line(op.name, batch, failed_by_code, error) + "\n")
+    if batch.state == batch_pb2.BATCH_STATE_FAILED and error is not None:
+        for field, description in BatchFailed(error, batch).field_violations:
+            err.write(f"  {field}: {description}\n")
+    if batch.state != batch_pb2.BATCH_STATE_SUCCEEDED:
+        return EXIT_BATCH_NOT_SUCCEEDED
+    return EXIT_REQUESTS_FAILED if batch.batch_stats.failed_request_count else EXIT_OK
+
+
+async def wait_with_progress(
+    op: BatchOperation, limit_s: float | None, err: TextIO, args: argparse.Namespace | None = None
+) -> None:
     """Waits for ``op`` to be done, showing a progress line on ``err``.
 
+    ``args.waiting_for`` names the batch while the wait lasts, so that an
+    interrupt can say which batch keeps running.
+
     Raises:
-        CommandFailed: ``limit_s`` seconds passed first.
+        WaitTimedOut: ``limit_s`` seconds passed first.
     """
     line = LiveLine(err)
     meter = RateMeter()
     loop = asyncio.get_running_loop()
+    if args is not None:
+        args.waiting_for = op.name
     try:
         async with asyncio.timeout(limit_s):
             async for batch in op.watch(interval=1.0):
-                done, total = display.done_count(batch), batch.batch_stats.request_count
-                meter.add(loop.time(), done)
-                running = batch.state == batch_pb2.BATCH_STATE_RUNNING
-                rate = meter.rate() if running else None
-                eta = (total - done) / rate if rate else None
-                state = display.state_name(batch.state)
-                line.show(render_progress(op.name, state, done, total, rate, eta), key=state)
+                finished, total = display.answered_count(batch), batch.batch_stats.request_count
+                meter.add(loop.time(), finished)
+                rate = meter.rate() if batch.state == batch_pb2.BATCH_STATE_RUNNING else None
+                eta = (total - finished) / rate if rate else None
+                progress = display.batch_progress(op.name, batch, rate, eta)
+                line.show(progress, key=(progress.state, progress.validating))
     except TimeoutError as exc:
         state = display.state_name(op.state)
-        raise CommandFailed(f"timed out after {limit_s:g} s; {op.name} is still {state}") from exc
+        raise WaitTimedOut(f"timed out after {limit_s:g} s; {op.name} is still {state} and keeps running") from exc
     finally:
         line.close()
+    if args is not None:
+        args.waiting_for = None
 
 
 async def cmd_wait(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return await _finish(client, await client.get_operation(args.name), args, out, err, print_results=False)
 
 
+def _op_json(op: BatchOperation, args: argparse.Namespace) -> str:
+    """The operation as proto JSON, its inline responses left out unless ``--output``."""
+    with_output = getattr(args, "with_output", False)  # submit has no such flag
+    return display.to_json(op.operation if with_output else display.without_output(op.operation))
+
+
 def _print_batch(op: BatchOperation, args: argparse.Namespace, out: TextIO) -> None:
-    out.write((display.to_json(op.operation) if args.json else display.format_fields(display.batch_fields(op))) + "\n")
+    out.write((_op_json(op, args) if args.json else display.format_fields(display.batch_fields(op))) + "\n")
 
 
 async def cmd_get(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    _print_batch(await client.get_operation(args.name), args, out)
+    op = await client.get_operation(args.name)
+    _print_batch(op, args, out)
+    if args.with_output and not args.json and op.done:
+        async for result in client.stream_results(op.name):
+            out.write(display.result_line(result) + "\n")
     return 0
 
 
@@ -217,7 +321,7 @@ async def cmd_cancel(client: Client, args: argparse.Namespace, out: TextIO, err:
     await client.cancel_operation(args.name)
     op = await client.get_operation(args.name)
     if args.json:
-        out.write(display.to_json(op.operation) + "\n")
+        out.write(_op_json(op, args) + "\n")
     else:
         out.write(f"cancel requested: {op.name} (state: {display.state_name(op.state)})\n")
     return 0
@@ -251,7 +355,7 @@ async def cmd_update(client: Client, args: argparse.Namespace, out: TextIO, err:
 
 async def cmd_results(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     async for result in client.stream_results(args.name, start_index=args.start):
-        out.write(display.to_json_line(result) + "\n")
+        out.write(display.result_json(result) + "\n")
     return 0
 
 
@@ -331,7 +435,7 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "--json",
         action="store_true",
         default=default(False),
-        help="print proto JSON for scripts" if defaults else argparse.SUPPRESS,
+        help="print JSON for scripts (proto JSON; results as JSON lines)" if defaults else argparse.SUPPRESS,
     )
 
 
@@ -377,7 +481,15 @@ def build_parser() -> argparse.ArgumentParser:
             type=_positive_float,
             default=None,
             metavar="S",
-            help="give up after S seconds (exit 1); default: wait as long as it takes",
+            help="give up after S seconds (exit 5; the batch keeps running); default: wait as long as it takes",
+        )
+
+    def with_output(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--output",
+            dest="with_output",
+            action="store_true",
+            help="include the batch's inline responses (left out by default; `results` reads them line by line)",
         )
 
     submit = command("submit", cmd_submit, "create a batch from prompts or a JSONL file")
@@ -388,23 +500,28 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--display-name", default="")
     submit.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     submit.add_argument("--request-id", default="", help="idempotency key: resubmitting returns the same batch")
-    submit.add_argument("--wait", action="store_true", help="wait with progress, then print the results")
+    submit.add_argument(
+        "--wait", action="store_true", help="wait with progress, then print the results and a summary (exit codes 3-5)"
+    )
     submit.add_argument(
         "--output", metavar="PATH", help="with a JSONL file and --wait: where to download the results "
         "(default: next to the input, as NAME.results.jsonl)"
     )
     waiting(submit)
 
-    command("get", cmd_get, "show a batch").add_argument("name", help="batches/{id}")
+    get = command("get", cmd_get, "show a batch")
+    get.add_argument("name", help="batches/{id}")
+    with_output(get)
 
     listing = command("list", cmd_list, "list batches, newest first")
     listing.add_argument("--filter", default="", help="AIP-160 filter, e.g. 'state = BATCH_STATE_RUNNING'")
     listing.add_argument("--page-size", type=_non_negative_int, default=0, metavar="N")
     listing.add_argument("--limit", type=_non_negative_int, default=None, metavar="N", help="show at most N")
 
-    wait = command("wait", cmd_wait, "wait for a batch with a live progress bar")
+    wait = command("wait", cmd_wait, "wait for a batch with a live progress bar, then print a summary")
     wait.add_argument("name", help="batches/{id}")
     waiting(wait)
+    with_output(wait)
 
     command("cancel", cmd_cancel, "cancel a pending or running batch").add_argument("name", help="batches/{id}")
     command("delete", cmd_delete, "delete a finished batch and its results").add_argument("name", help="batches/{id}")
@@ -414,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--display-name", default=None)
     update.add_argument("--priority", type=int, default=None)
 
-    results = command("results", cmd_results, "print finished results as JSON lines, in input order")
+    results = command(
+        "results", cmd_results, 'print finished results as JSON lines {"index", "key", "response"|"error"}, in order'
+    )
     results.add_argument("name", help="batches/{id}")
     results.add_argument("--start", type=_non_negative_int, default=0, metavar="N", help="first input index")
 
@@ -422,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     files = commands.add_parser(
         "files",
+        parents=[common],
         help="upload, list, get, delete and download files",
         description="upload, list, get, delete and download files",
     )
@@ -438,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     download = command("download", cmd_files_download, "download a file", file_commands)
     download.add_argument("name", help="files/{id}")
     download.add_argument("dest", help="local path, or - for stdout")
+
+    # Dispatched by main() before parsing; listed here so that --help shows it.
+    commands.add_parser(
+        "serve", help="run a longbatch server (`longbatch serve --help` lists its options)", add_help=False
+    ).set_defaults(handler=None)
     return parser
 
 
@@ -448,7 +573,8 @@ def print_error(error: LongbatchError, err: TextIO, *, target: str = "", api_key
     """Prints ``error: CODE: message``, the field violations and a hint where one helps."""
     err.write(f"error: {error}\n")
     for field, description in error.field_violations:
-        err.write(f"  {field}: {description}\n")
+        if description not in str(error):  # the message often says it already (a filter error, say)
+            err.write(f"  {field}: {description}\n")
     if error.code.name == "UNAVAILABLE" and target:
         err.write(f"  (is a longbatch server running at {target}?)\n")
     elif error.code.name == "UNAUTHENTICATED" and not api_key:
@@ -456,7 +582,9 @@ def print_error(error: LongbatchError, err: TextIO, *, target: str = "", api_key
 
 
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    handler: Command = args.handler
+    handler: Command | None = args.handler
+    if handler is None:
+        raise UsageError("serve takes its own options and comes first: longbatch serve [--port N] …")
     async with Client(args.target, api_key=args.api_key) as client:
         return await handler(client, args, out, err)
 
@@ -490,7 +618,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(_run(args, out, err))
     except KeyboardInterrupt:
+        if (name := getattr(args, "waiting_for", None)) is not None:
+            err.write(f"interrupted: {name} keeps running on the server; `longbatch wait {name}` follows it "
+                      f"again, `longbatch cancel {name}` stops it\n")
         return EXIT_INTERRUPTED
+    except WaitTimedOut as error:
+        err.write(f"error: {error}\n")
+        return EXIT_TIMEOUT
     except LongbatchError as error:
         print_error(error, err, target=args.target, api_key=args.api_key)
     except UsageError as error:

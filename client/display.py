@@ -5,16 +5,23 @@ Pure functions from messages to strings; the CLI decides where they go.
 
 from __future__ import annotations
 
+import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
+from typing import Any
 
 import grpc
+import orjson
+from google.longrunning import operations_pb2
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 from google.rpc import status_pb2
+from rich.console import Console
+from rich.table import Table
 
 from longbatch.client.operation import Batch, BatchOperation
+from longbatch.client.progress import BatchProgress
 from longbatch.v1 import batch_pb2, file_pb2, model_pb2
 
 _CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -27,7 +34,7 @@ def state_name(state: batch_pb2.BatchState.ValueType) -> str:
 
 def status_text(status: status_pb2.Status) -> str:
     """``CODE_NAME: message`` of a ``google.rpc.Status``."""
-    return f"{_CODE_NAMES.get(int(status.code), str(status.code))}: {status.message}"
+    return f"{code_name(int(status.code))}: {status.message}"
 
 
 def format_time(ts: timestamp_pb2.Timestamp) -> str:
@@ -45,13 +52,20 @@ def format_fields(fields: Iterable[tuple[str, str]]) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """A compact table: columns padded to their widest cell, the last one left ragged."""
-    table = [list(headers), *(list(row) for row in rows)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) if i < len(row) - 1 else cell for i, cell in enumerate(row)).rstrip()
-        for row in table
-    )
+    """A compact table laid out by rich: no borders, two spaces between
+    columns, each as wide as its widest cell, lines never cut (a name must
+    stay whole to be copied), trailing spaces trimmed."""
+    table = Table(box=None, pad_edge=False, padding=(0, 1), show_edge=False, header_style="")
+    for header in headers:
+        table.add_column(header, no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    # A console as wide as any table, so that rich never wraps a cell; the
+    # terminal wraps a line too long for it, as it would any other output.
+    console = Console(file=io.StringIO(), width=1 << 16, color_system=None, highlight=False)
+    with console.capture() as captured:
+        console.print(table)
+    return "\n".join(line.rstrip() for line in captured.get().splitlines())
 
 
 def to_json(message: Message) -> str:
@@ -64,15 +78,118 @@ def to_json_array(messages: Iterable[Message]) -> str:
     return json.dumps([json_format.MessageToDict(m) for m in messages], indent=2)
 
 
-def to_json_line(message: Message) -> str:
-    """One message as proto JSON on a single line."""
-    return json.dumps(json_format.MessageToDict(message), separators=(",", ":"), ensure_ascii=False)
+def without_output(op: operations_pb2.Operation) -> operations_pb2.Operation:
+    """A copy of ``op`` without its inline responses, as ``--json`` prints it
+    unless given ``--output``: they are most of a done batch's bytes, twice
+    (``metadata.output`` and ``response``), and ``longbatch results`` reads
+    them line by line. The ``response`` stays, typed and empty, as
+    ListOperations sends it; a responses file's name, a few bytes, stays."""
+    handle_batch = _unpack(op.metadata, _BATCH_TYPES)
+    output = _unpack(op.response, _OUTPUT_TYPES) if op.HasField("response") else None
+    copy = operations_pb2.Operation()
+    copy.CopyFrom(op)
+    if handle_batch is not None and handle_batch.output.WhichOneof("output") == "inlined_responses":
+        handle_batch.ClearField("output")
+        copy.metadata.value = handle_batch.SerializeToString()
+    if output is not None and output.WhichOneof("output") == "inlined_responses":
+        copy.response.value = b""
+    return copy
+
+
+_BATCH_TYPES: dict[str, type[Batch]] = {
+    "longbatch.v1.GenerateContentBatch": batch_pb2.GenerateContentBatch,
+    "longbatch.v1.EmbedContentBatch": batch_pb2.EmbedContentBatch,
+}
+_OUTPUT_TYPES: dict[str, type[batch_pb2.GenerateContentBatchOutput | batch_pb2.EmbedContentBatchOutput]] = {
+    "longbatch.v1.GenerateContentBatchOutput": batch_pb2.GenerateContentBatchOutput,
+    "longbatch.v1.EmbedContentBatchOutput": batch_pb2.EmbedContentBatchOutput,
+}
+
+
+def _unpack(value: Any, types: Mapping[str, type[Any]]) -> Any:
+    cls = types.get(str(value.type_url).rpartition("/")[2])
+    return cls.FromString(value.value) if cls is not None else None
+
+
+def result_json(result: batch_pb2.BatchResult) -> str:
+    """One result as the results line format, the same as a results file's:
+    ``{"index": 0, "key": …, ["metadata": …,] "response"|"error": …}``.
+
+    ``index`` is a JSON number, 0 included (proto JSON would drop a zero and
+    write int64 as a string); ``key`` is the input's, or the index as a
+    string when it had none; metadata keys are sorted (a Struct is a map).
+    """
+    line: dict[str, Any] = {"index": int(result.index), "key": result.key or str(result.index)}
+    if result.HasField("metadata"):
+        line["metadata"] = _sorted_keys(json_format.MessageToDict(result.metadata))
+    which = result.WhichOneof("result")
+    if which == "error":
+        line["error"] = json_format.MessageToDict(result.error)
+    elif which is not None:
+        line["response"] = json_format.MessageToDict(getattr(result, which))
+    # orjson, as the server writes results files: the same bytes for the same line.
+    return orjson.dumps(line).decode()
+
+
+def _sorted_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted_keys(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted_keys(v) for v in value]
+    return value
 
 
 def done_count(batch: Batch) -> int:
     """Requests of the batch that are finished, whatever their outcome."""
     stats = batch.batch_stats
     return stats.request_count - stats.pending_request_count
+
+
+def answered_count(batch: Batch) -> int:
+    """Requests of the batch that were run and answered, succeeded or failed."""
+    stats = batch.batch_stats
+    return stats.successful_request_count + stats.failed_request_count
+
+
+def batch_progress(name: str, batch: Batch, rate: float | None = None, eta_s: float | None = None) -> BatchProgress:
+    """The progress line of ``batch``; a file batch not yet read says it is validating its input."""
+    total = batch.batch_stats.request_count
+    validating = (
+        batch.state == batch_pb2.BATCH_STATE_PENDING
+        and total == 0
+        and batch.input_config.WhichOneof("source") == "file_name"
+    )
+    return BatchProgress(name, state_name(batch.state), answered_count(batch), total, rate, eta_s, validating,
+                         batch.batch_stats.failed_request_count)
+
+
+def summary_line(name: str, batch: Batch, failed_by_code: Mapping[str, int] | None = None,
+                 error: status_pb2.Status | None = None) -> str:
+    """The one line that ends a wait, e.g. ``batches/x SUCCEEDED: 9 succeeded,
+    1 failed (1 UNAVAILABLE), 0 cancelled, 0 expired``.
+
+    Args:
+        name: The batch name.
+        batch: The batch as it ended.
+        failed_by_code: How many failed requests had each error code, when known.
+        error: The operation's error; a FAILED batch's line is its code and message.
+    """
+    state = state_name(batch.state)
+    if batch.state == batch_pb2.BATCH_STATE_FAILED and error is not None:
+        return f"{name} {state}: {status_text(error)}"
+    stats = batch.batch_stats
+    failed = f"{stats.failed_request_count:,} failed"
+    if stats.failed_request_count and failed_by_code:
+        codes = sorted(failed_by_code.items(), key=lambda item: (-item[1], item[0]))
+        failed += " (" + ", ".join(f"{n:,} {code}" for code, n in codes) + ")"
+    counts = [f"{stats.successful_request_count:,} succeeded", failed,
+              f"{stats.cancelled_request_count:,} cancelled", f"{stats.expired_request_count:,} expired"]
+    return f"{name} {state}: " + ", ".join(counts)
+
+
+def code_name(code: int) -> str:
+    """``14`` → ``UNAVAILABLE``."""
+    return _CODE_NAMES.get(code, str(code))
 
 
 def batch_fields(op: BatchOperation) -> list[tuple[str, str]]:
@@ -128,7 +245,8 @@ def batch_row(op: BatchOperation) -> list[str]:
         op.name,
         op.kind,
         state_name(batch.state),
-        f"{done_count(batch):,}/{total:,}",
+        # Answered, not merely done: a cancelled batch must not read as complete.
+        f"{answered_count(batch):,}/{total:,}",
         batch.model,
         format_time(batch.create_time),
         batch.display_name,

@@ -135,6 +135,8 @@ async def _run(config: ServerConfig, args: argparse.Namespace) -> int:
         # The port was taken between the probe and the bind.
         why = _bind_failure(args.host, args.port) or "grpc could not bind it"
         raise StartupError(f"cannot listen on {args.host}:{args.port}: {why}") from e
+    except ConfigError:
+        raise  # a backend's options, checked as it is built: main() prints it
     except OSError as e:
         raise StartupError(f"cannot start: {e}") from e
     except Exception as e:

@@ -61,7 +61,7 @@ class BatchManager:
     async def create(self, tenant: str, valid: ValidBatch, request_id: str) -> BatchView:
         """Store a validated batch and schedule it; idempotent on ``request_id``."""
         if valid.model not in self._models:
-            raise NotFound(f"model {valid.model} not found; see ListModels", reason="MODEL_NOT_FOUND",
+            raise NotFound(f"model {valid.model} not found; see `longbatch models`", reason="MODEL_NOT_FOUND",
                            violations=[("batch.model", "is not a configured model")])
         input_file = None
         if valid.file_name is not None:

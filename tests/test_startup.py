@@ -95,6 +95,11 @@ async def test_a_bad_config_is_one_line(tmp_path: Path) -> None:
     code, err = await serve("--port", "0", "--data-dir", str(tmp_path / "data"), "--config", str(tmp_path / "no"))
     assert code == 2
     assert "cannot read config" in one_line(err)
+    # A backend's options are checked as the server builds it: the same one line.
+    config.write_text('[[models]]\nname = "models/remote"\nbackend = "gemini-http"\n')
+    code, err = await serve("--port", "0", "--data-dir", str(tmp_path / "data"), "--config", str(config))
+    assert code == 2
+    assert "base_url" in one_line(err)
 
 
 async def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
@@ -118,3 +123,25 @@ async def test_a_bad_port_variable_is_a_usage_error(tmp_path: Path) -> None:
     code, err = await serve("--data-dir", str(tmp_path / "data"), env={"LONGBATCH_PORT": "fifty"})
     assert code == 2
     assert "Traceback" not in err and "--port" in err
+
+
+async def test_a_config_that_replaces_the_echo_models_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "longbatch.toml"
+    config.write_text('[[models]]\nname = "models/mine"\nbackend = "echo"\n')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "longbatch.server.main", "--port", "0", "--data-dir", str(tmp_path / "data"),
+        "--config", str(config), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.startswith(b"longbatch listening on 127.0.0.1:")
+        proc.terminate()
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert ("serving models/mine: a config's [[models]] replaces the built-in models/echo and models/echo-slow "
+            "(list them in the config to keep them)") in err.decode()

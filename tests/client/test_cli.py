@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
 import types
 from collections.abc import AsyncIterator
@@ -8,16 +9,19 @@ from collections.abc import AsyncIterator
 import pytest
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2, status_pb2
+from rich.console import Console
 
 from longbatch.client import cli, display
 from longbatch.client.operation import BatchOperation
 from longbatch.client.progress import (
+    BAR_MAX,
+    BAR_MIN,
+    BatchProgress,
     LiveLine,
     RateMeter,
+    TransferProgress,
     format_bytes,
     format_duration,
-    render_bar,
-    render_progress,
 )
 from longbatch.v1 import batch_pb2, content_pb2
 
@@ -131,21 +135,81 @@ def test_prompts_become_requests() -> None:
 
 # Progress rendering.
 
-
-def test_render_progress_line() -> None:
-    line = render_progress("batches/x", "RUNNING", 3412, 5000, rate=1234.4, eta_s=1.6)
-    assert line == "batches/x  RUNNING  [########----]  3,412/5,000  68%  1,234 req/s  ETA 2s"
+NAME = "batches/lmjecex1l7qdgtztlsy69a"  # as long as a real one
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
-def test_render_progress_without_rate() -> None:
-    assert render_progress("batches/x", "PENDING", 0, 0) == "batches/x  PENDING  [------------]  0/0  0%"
-    assert render_progress("batches/x", "SUCCEEDED", 5, 5).endswith("[############]  5/5  100%")
+def rendered(line: object, width: int) -> str:
+    """``line`` as a terminal of ``width`` columns shows it (without colours)."""
+    console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+    console.print(line)
+    out = console.file.getvalue()  # type: ignore[attr-defined]
+    assert out.endswith("\n") and out.count("\n") == 1, repr(out)  # one line, never wrapped
+    return str(out[:-1])
 
 
-def test_render_bar_is_full_only_when_done() -> None:
-    assert render_bar(999, 1000) == "[" + "#" * 11 + "-]"
-    assert render_bar(1000, 1000) == "[" + "#" * 12 + "]"
-    assert render_bar(1, 2, width=4) == "[##--]"
+def test_progress_line_at_80_columns_keeps_counts_rate_and_eta() -> None:
+    line = rendered(BatchProgress(NAME, "RUNNING", 3412, 5000, rate=1234.4, eta_s=1.6), 80)
+    assert len(line) <= 80
+    # The name goes first (the summary names the batch); the bar takes what is left.
+    assert re.fullmatch(r"RUNNING  [━╸╺]+ *  3,412/5,000  68%  1,234 req/s  ETA 2s", line), line
+    assert line.count("━") >= 10
+
+
+def test_progress_line_at_60_columns() -> None:
+    line = rendered(BatchProgress(NAME, "RUNNING", 3412, 5000, rate=1234.4, eta_s=1.6), 60)
+    assert len(line) <= 60
+    assert re.fullmatch(r"RUNNING  [━╸╺]+ *  3,412/5,000  68%  1,234 req/s  ETA 2s", line), line
+    # Larger counts: the rate goes before the bar, the ETA and the percentage.
+    line = rendered(BatchProgress(NAME, "RUNNING", 412_345, 1_000_000, rate=12_345.6, eta_s=65), 60)
+    assert len(line) <= 60
+    match = re.fullmatch(r"RUNNING  (.+)  412,345/1,000,000  41%  ETA 1m05s", line)
+    assert match is not None, line
+    assert len(match[1]) >= BAR_MIN and not match[1].strip("━╸╺ ")  # the bar, drawn and not
+
+
+def test_progress_line_on_a_wide_terminal_has_everything() -> None:
+    line = rendered(BatchProgress(NAME, "RUNNING", 3412, 5000, rate=1234.4, eta_s=1.6), 160)
+    assert line.startswith(f"{NAME}  RUNNING  ━")
+    assert line.endswith("3,412/5,000  68%  1,234 req/s  ETA 2s")
+    assert len(line) <= NAME.__len__() + 2 + 7 + 2 + BAR_MAX + 2 + 11 + 2 + 3 + 2 + 11 + 2 + 6
+
+
+@pytest.mark.parametrize("width", [20, 30, 40])
+def test_progress_line_on_a_narrow_terminal_keeps_state_and_counts(width: int) -> None:
+    line = rendered(BatchProgress(NAME, "RUNNING", 3412, 5000, rate=1234.4, eta_s=1.6), width)
+    assert len(line) <= width and line.startswith("RUNNING  3,412/5,000"), line
+
+
+def test_plain_progress_line() -> None:
+    progress = BatchProgress("batches/x", "RUNNING", 3412, 5000, rate=1234.4, eta_s=1.6)
+    assert progress.plain() == "batches/x  RUNNING  3,412/5,000  68%  1,234 req/s  ETA 2s"
+    assert BatchProgress("batches/x", "SUCCEEDED", 5, 5).plain() == "batches/x  SUCCEEDED  5/5  100%"
+    assert BatchProgress("b", "SUCCEEDED", 1, 1, failed=1).plain() == "b  SUCCEEDED  1/1  100%  1 failed"
+    assert BatchProgress("b", "CANCELLED", 3, 9, failed=2).plain() == "b  CANCELLED  3/9 finished  2 failed"
+
+
+def test_a_cancelled_batch_never_shows_a_percentage_or_a_bar() -> None:
+    # Every request is done (answered or cancelled), but not all were answered.
+    cancelled = BatchProgress("batches/x", "CANCELLED", 160, 500)
+    assert cancelled.plain() == "batches/x  CANCELLED  160/500 finished"
+    for width in (60, 80):
+        line = rendered(cancelled, width)
+        assert "%" not in line and "━" not in line
+    assert "%" not in BatchProgress("batches/x", "EXPIRED", 500, 500).plain()
+
+
+def test_a_file_batch_being_read_says_so() -> None:
+    progress = BatchProgress("batches/x", "PENDING", 0, 0, validating=True)
+    assert progress.plain() == "batches/x  PENDING  validating input"
+    assert rendered(progress, 60) == "batches/x  PENDING  validating input"  # the name fits
+
+
+def test_transfer_progress() -> None:
+    assert TransferProgress("uploading a.jsonl", 1536, 3072).plain() == "uploading a.jsonl  1.5 KiB/3.0 KiB  50%"
+    assert TransferProgress("downloading files/x", 512).plain() == "downloading files/x  512 B"
+    line = rendered(TransferProgress("uploading a.jsonl", 1536, 3072), 60)
+    assert len(line) <= 60 and line.startswith("uploading a.jsonl  ━") and line.endswith("1.5 KiB/3.0 KiB  50%")
 
 
 @pytest.mark.parametrize(
@@ -175,29 +239,55 @@ def test_rate_meter_uses_a_sliding_window() -> None:
     assert meter.rate() == pytest.approx(10.0)
 
 
-def test_live_line_redraws_in_place_on_a_tty() -> None:
+@pytest.mark.parametrize("width", [60, 80])
+def test_live_line_redraws_one_line_in_place_on_a_terminal(width: int) -> None:
     stream = io.StringIO()
-    line = LiveLine(stream, tty=True)
-    line.show("a long first line")
-    line.show("short")
+    console = Console(file=stream, width=width, force_terminal=True, color_system=None)
+    line = LiveLine(stream, live=True, console=console)
+    for done in (0, 1200, 3412, 5000):
+        line.show(BatchProgress(NAME, "RUNNING", done, 5000, rate=1234.4, eta_s=(5000 - done) / 1234.4))
     line.close()
-    assert stream.getvalue() == "\ra long first line" + "\rshort" + " " * 12 + "\n"
+    out = stream.getvalue()
+    # Each redraw returns to the start of the line and clears it; none moves
+    # down a line, so nothing is left behind, and close() clears the last.
+    frames = [ANSI.sub("", frame) for frame in out.split("\r")]
+    drawn = [f for f in frames if f.strip()]
+    assert len(drawn) == 5  # the four, and the last again as it stops
+    assert all(len(f.rstrip("\n")) <= width for f in drawn)
+    assert all("\n" not in f for f in drawn[:-1])
+    assert "5,000/5,000  100%" in drawn[-1]
+    # Stopping moves back up over the line and clears it: the summary takes its place.
+    assert out.endswith("\n\x1b[?25h\r\x1b[1A\x1b[2K")
 
 
 def test_live_line_writes_plain_lines_elsewhere() -> None:
     now = [0.0]
     stream = io.StringIO()
-    line = LiveLine(stream, tty=False, every_s=10, clock=lambda: now[0])
-    line.show("p0", key="PENDING")
-    line.show("r1", key="RUNNING")  # state changed: written at once
+    line = LiveLine(stream, live=False, every_s=10, clock=lambda: now[0])
+
+    def show(done: int, state: str = "RUNNING") -> None:
+        line.show(BatchProgress("b", state, done, 9), key=state)
+
+    show(0, "PENDING")
+    show(1)  # state changed: written at once
     now[0] = 5
-    line.show("r2", key="RUNNING")  # held back
+    show(2)  # held back
     now[0] = 11
-    line.show("r3", key="RUNNING")  # period passed
+    show(3)  # period passed
     now[0] = 12
-    line.show("r4", key="RUNNING")  # held back, then written by close
+    show(4)  # held back, then written by close
     line.close()
-    assert stream.getvalue().splitlines() == ["p0", "r1", "r3", "r4"]
+    assert stream.getvalue().splitlines() == [
+        "b  PENDING  0/9  0%", "b  RUNNING  1/9  11%", "b  RUNNING  3/9  33%", "b  RUNNING  4/9  44%"
+    ]
+
+
+def test_live_line_is_plain_when_the_stream_is_no_terminal() -> None:
+    stream = io.StringIO()
+    line = LiveLine(stream)
+    line.show(BatchProgress("b", "RUNNING", 1, 2))
+    line.close()
+    assert stream.getvalue() == "b  RUNNING  1/2  50%\n"
 
 
 # Human output.
@@ -245,7 +335,7 @@ def test_batch_row_and_table() -> None:
         "batches/x",
         "generate",
         "CANCELLED",
-        "3/3",
+        "2/3",  # answered; the third was cancelled
         "models/echo",
         "2023-11-14",
         "22:13:20Z",
@@ -269,9 +359,98 @@ def test_result_lines() -> None:
     assert display.result_line(failed) == "[2] error: CANCELLED: not run"
 
 
-def test_json_line_is_one_line_proto_json() -> None:
-    result = batch_pb2.BatchResult(index=4, key="k")
-    assert display.to_json_line(result) == '{"index":"4","key":"k"}'
+def test_results_line_format() -> None:
+    first = batch_pb2.BatchResult(index=0)
+    first.generate_content_response.candidates.add().content.parts.add(text="hi")
+    first.metadata.update({"z": 1, "a": {"y": 2, "b": 3}})
+    assert display.result_json(first) == (
+        '{"index":0,"key":"0","metadata":{"a":{"b":3.0,"y":2.0},"z":1.0},'  # a Struct's numbers are doubles
+        '"response":{"candidates":[{"content":{"parts":[{"text":"hi"}]}}]}}'
+    )
+    failed = batch_pb2.BatchResult(index=12, key="row-12",
+                                   error=status_pb2.Status(code=code_pb2.UNAVAILABLE, message="down"))
+    assert display.result_json(failed) == '{"index":12,"key":"row-12","error":{"code":14,"message":"down"}}'
+    embed = batch_pb2.BatchResult(index=3)
+    embed.embed_content_response.embedding.values.extend([0.5, -0.25])
+    assert display.result_json(embed) == '{"index":3,"key":"3","response":{"embedding":{"values":[0.5,-0.25]}}}'
+
+
+def _done_op(state: int, *, succeeded: int = 0, failed: int = 0, cancelled: int = 0, expired: int = 0,
+             inline: int = 0) -> operations_pb2.Operation:
+    batch = batch_pb2.GenerateContentBatch(name="batches/x", model="models/echo", state=state)  # type: ignore[arg-type]
+    stats = batch.batch_stats
+    stats.request_count = succeeded + failed + cancelled + expired
+    stats.successful_request_count, stats.failed_request_count = succeeded, failed
+    stats.cancelled_request_count, stats.expired_request_count = cancelled, expired
+    output = batch_pb2.GenerateContentBatchOutput()
+    for i in range(inline):
+        output.inlined_responses.inlined_responses.add().response.candidates.add().content.parts.add(text=f"a{i}")
+    if inline:
+        batch.output.CopyFrom(output)
+    op = operations_pb2.Operation(name="batches/x", done=True)
+    op.metadata.Pack(batch)
+    op.response.Pack(output)
+    return op
+
+
+def test_summary_lines() -> None:
+    def summary(op: operations_pb2.Operation, codes: dict[str, int] | None = None) -> str:
+        return display.summary_line("batches/x", display._unpack(op.metadata, display._BATCH_TYPES), codes)
+
+    assert summary(_done_op(batch_pb2.BATCH_STATE_SUCCEEDED, succeeded=2)) == (
+        "batches/x SUCCEEDED: 2 succeeded, 0 failed, 0 cancelled, 0 expired"
+    )
+    assert summary(_done_op(batch_pb2.BATCH_STATE_SUCCEEDED, succeeded=1000, failed=3),
+                   {"INVALID_ARGUMENT": 1, "UNAVAILABLE": 2}) == (
+        "batches/x SUCCEEDED: 1,000 succeeded, 3 failed (2 UNAVAILABLE, 1 INVALID_ARGUMENT), 0 cancelled, 0 expired"
+    )
+    assert summary(_done_op(batch_pb2.BATCH_STATE_CANCELLED, succeeded=160, cancelled=340)) == (
+        "batches/x CANCELLED: 160 succeeded, 0 failed, 340 cancelled, 0 expired"
+    )
+    failed = _done_op(batch_pb2.BATCH_STATE_FAILED)
+    batch = display._unpack(failed.metadata, display._BATCH_TYPES)
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="2 bad lines")
+    assert display.summary_line("batches/x", batch, None, status) == "batches/x FAILED: INVALID_ARGUMENT: 2 bad lines"
+
+
+def test_json_leaves_inline_responses_out() -> None:
+    op = _done_op(batch_pb2.BATCH_STATE_SUCCEEDED, succeeded=3, inline=3)
+    slim = display.without_output(op)
+    assert slim.response.type_url == op.response.type_url and slim.response.value == b""  # as List sends it
+    batch = display._unpack(slim.metadata, display._BATCH_TYPES)
+    assert not batch.HasField("output") and batch.batch_stats.successful_request_count == 3
+    assert op.response.value  # the original is untouched
+    # A responses file's name is no output to leave out.
+    file_op = _done_op(batch_pb2.BATCH_STATE_SUCCEEDED, succeeded=3)
+    output = batch_pb2.GenerateContentBatchOutput(responses_file="files/r")
+    file_op.response.Pack(output)
+    assert display.without_output(file_op) == file_op
+
+
+def test_print_error_does_not_repeat_what_the_message_says() -> None:
+    from longbatch.client.errors import InvalidArgument
+
+    stream = io.StringIO()
+    message = 'invalid filter: unknown value "SLEEPING" for field "state"'
+    violation = ("filter", 'unknown value "SLEEPING" for field "state"')
+    cli.print_error(InvalidArgument(message, field_violations=[violation]), stream)
+    assert stream.getvalue() == f"error: INVALID_ARGUMENT: {message}\n"
+
+
+def test_help_lists_serve_and_files_take_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert re.search(r"^ +serve +run a longbatch server", capsys.readouterr().out, re.MULTILINE)
+    for argv in (["files", "--json", "list"], ["--json", "files", "list"], ["files", "list", "--json"]):
+        assert cli.build_parser().parse_args(argv).json is True
+    assert cli.main(["--json", "serve"]) == 2
+    assert "longbatch serve" in capsys.readouterr().err
+
+
+def test_get_and_wait_take_output() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["get", "batches/x"]).with_output is False
+    assert parser.parse_args(["get", "batches/x", "--output"]).with_output is True
+    assert parser.parse_args(["wait", "batches/x", "--output", "--json"]).with_output is True
 
 
 async def test_take_stops_at_the_limit() -> None:
