@@ -77,6 +77,7 @@ class Fault:
         match: only calls whose prompt (or any input) contains this fail.
         endpoint: ``chat``, ``embeddings`` or ``""`` for both.
         garbage: the body of a ``garbage`` fault.
+        should_retry: an ``x-should-retry`` header value (OpenAI's).
     """
 
     kind: str = "status"
@@ -90,6 +91,7 @@ class Fault:
     match: str | None = None
     endpoint: str = ""
     garbage: str = "<html>502 Bad Gateway</html>"
+    should_retry: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS or self.shape not in SHAPES or self.endpoint not in ("", "chat", "embeddings"):
@@ -369,6 +371,10 @@ class FakeOpenAI:
             headers["Retry-After"] = fault.retry_after
         if fault.retry_after_ms is not None:
             headers["retry-after-ms"] = fault.retry_after_ms
+        if fault.should_retry is not None:
+            headers["x-should-retry"] = fault.should_retry
+        if 300 <= fault.status < 400:
+            headers["Location"] = "http://127.0.0.2/elsewhere"
         return _json(fault.status, error_body(fault.shape, fault.status, fault.message, fault.code), headers)
 
     async def _get_stats(self, request: web.Request) -> web.Response:

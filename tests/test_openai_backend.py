@@ -287,12 +287,19 @@ async def test_error_bodies_of_every_server_become_permanent_item_errors(
     (Fault(status=504), code_pb2.DEADLINE_EXCEEDED, True, None, True, False),
     (Fault(status=501), code_pb2.UNIMPLEMENTED, False, None, False, False),
     (Fault(kind="drop"), code_pb2.UNAVAILABLE, True, None, True, False),
+    (Fault(status=302), code_pb2.INTERNAL, False, None, False, False),
+    (Fault(status=409, should_retry="true", retry_after="1"), code_pb2.ABORTED, True, 1.0, False, False),
+    (Fault(status=503, should_retry="false"), code_pb2.UNAVAILABLE, False, None, False, True),
 ])
 async def test_status_table(fake: FakeOpenAI, backends: Backends, fault: Fault, code: int, retryable: bool,
                             hint: float | None, outage: bool, overload: bool) -> None:
     fake.fault = fault
     e = await failure(backends().generate(request(user("hi"))))
     assert (e.code, e.retryable, e.retry_after_s, e.outage, e.overload) == (code, retryable, hint, outage, overload)
+    if fault.status == 302:
+        assert e.message == ("model server answered HTTP 302: redirects are not followed (they could send the "
+                             "API key elsewhere)")
+        assert fake.stats.chat_calls == 1
 
 
 async def test_wrong_api_key_is_unauthenticated_and_the_key_never_shows(backends: Backends) -> None:
