@@ -173,6 +173,20 @@ async def test_fields_that_cannot_be_honoured_are_invalid_argument(
     assert fake.stats.chat_calls == 0
 
 
+async def test_a_request_field_without_a_mapping_is_refused(fake: FakeOpenAI, backends: Backends,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every field of today's proto is mapped; one added later lands in this
+    # set (computed from the descriptor) and is refused until it is mapped.
+    from longbatch.server.backends import openai
+    assert frozenset() == openai._UNMAPPED_REQUEST_FIELDS
+    monkeypatch.setattr(openai, "_UNMAPPED_REQUEST_FIELDS", frozenset({"system_instruction"}))
+    e = await failure(backends().generate(request(user("hi"), system="x")))
+    assert (e.code, e.message) == (code_pb2.INVALID_ARGUMENT, "system_instruction is not supported by the openai "
+                                   "backend")
+    await backends().generate(request(user("hi")))
+    assert fake.stats.chat_calls == 1
+
+
 async def test_top_k_only_where_the_server_takes_it(fake: FakeOpenAI, backends: Backends) -> None:
     plain = backends(supports_top_k=False)
     await plain.generate(request(user("hi"), temperature=0.5))

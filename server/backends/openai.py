@@ -149,6 +149,14 @@ _FINISH_BYTES = {reason: _T_FINISH + varint(reason) for reason in set(FINISH_REA
 _INT32_MAX = (1 << 31) - 1
 
 
+# Request fields the body does not carry: none today (model is in the body as
+# remote_model). A field added to the proto lands here and is refused until
+# it is mapped, rather than dropped.
+_UNMAPPED_REQUEST_FIELDS = frozenset(
+    f.name for f in content_pb2.GenerateContentRequest.DESCRIPTOR.fields
+) - {"model", "contents", "system_instruction", "generation_config"}
+
+
 class _Invalid(Exception):
     """A request field this backend cannot honour (becomes INVALID_ARGUMENT)."""
 
@@ -323,27 +331,29 @@ class OpenAIBackend:
         Raises:
             _Invalid: a field set that this backend cannot honour.
         """
+        if _UNMAPPED_REQUEST_FIELDS:
+            for field, _ in request.ListFields():
+                if field.name in _UNMAPPED_REQUEST_FIELDS:
+                    raise _Invalid(f"{field.name} is not supported by the openai backend")
         messages: list[dict[str, str]] = []
-        system: str | None = None
-        config = None
-        for field, value in request.ListFields():
-            name = field.name
-            if name == "contents":
-                for i, content in enumerate(value):
-                    role = content.role
-                    if role == "" or role == "user":
-                        role = "user"
-                    elif role == "model":
-                        role = "assistant"
-                    else:
-                        raise _Invalid(f"contents[{i}].role must be 'user' or 'model', got {role!r}")
-                    messages.append({"role": role, "content": _text(content.parts, f"contents[{i}]")})
-            elif name == "system_instruction":
-                system = _text(value.parts, "system_instruction")
-            elif name == "generation_config":
-                config = value
-            elif name != "model":  # the body names remote_model
-                raise _Invalid(f"{name} is not supported by the openai backend")
+        for i, content in enumerate(request.contents):
+            role = content.role
+            if role == "" or role == "user":
+                role = "user"
+            elif role == "model":
+                role = "assistant"
+            else:
+                raise _Invalid(f"contents[{i}].role must be 'user' or 'model', got {role!r}")
+            parts = content.parts
+            # One text part is nearly every turn: read it without the loop.
+            if len(parts) == 1 and (part := parts[0]).WhichOneof("data") == "text":
+                text = part.text
+            else:
+                text = _text(parts, f"contents[{i}]")
+            messages.append({"role": role, "content": text})
+        system = _text(request.system_instruction.parts, "system_instruction") if request.HasField(
+            "system_instruction") else None
+        config = request.generation_config if request.HasField("generation_config") else None
         if system is not None:
             if self._system_role:
                 messages.insert(0, {"role": "system", "content": system})
