@@ -16,7 +16,9 @@ attempt) passes the model's :class:`ModelGate`:
   jittered exponential backoff between probes. Any answer, even an error,
   ends the pause. The failed calls do not spend their requests' attempts;
   once the outage has lasted ``outage_timeout`` the waiting requests give
-  up with the outage error, while probing goes on.
+  up with the outage error, while probing goes on (a request that arrives
+  while a probe is under way waits for its verdict first, so the first
+  requests after the backend came back do not fail).
 
 Calls beyond the limit or during a pause wait on a future in a FIFO deque,
 woken by the call that frees their slot: no polling, no per-call task or
@@ -136,7 +138,8 @@ class ModelGate:
 
         Returns:
             ADMITTED or PROBE with a slot held, or GAVE_UP (no slot) once
-            the outage has outlasted ``outage_timeout``.
+            the outage has outlasted ``outage_timeout`` and no probe is
+            under way.
 
         Raises:
             asyncio.CancelledError: the caller was cancelled, or the gate closed.
@@ -151,7 +154,7 @@ class ModelGate:
             elif self._probe_ready and not self._probe_out:
                 self._admit_probe()
                 return Admission.PROBE
-            elif self._expired:
+            elif self._expired and not self._probe_out:
                 return Admission.GAVE_UP
         fut: asyncio.Future[Admission] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
@@ -233,6 +236,8 @@ class ModelGate:
             self._probe_out = False
             self._probes += 1
             self._schedule_probe()
+            if self._expired and self._waiters:
+                self._wake()  # they waited for this probe's verdict
         return True
 
     def left(self, probe: bool) -> None:
@@ -287,7 +292,8 @@ class ModelGate:
                         self._admit_probe()
                         fut.set_result(Admission.PROBE)
                         break
-            if self._expired:
+            if self._expired and not self._probe_out:
+                # Past outage_timeout with no probe under way: nothing to wait for.
                 while waiters:
                     fut = waiters.popleft()
                     if not fut.done():

@@ -9,6 +9,13 @@ and the attempt number, not on arrival order, so a run is reproducible under
 any concurrency. Calls are counted per prompt text so tests can assert how
 often each request ran.
 
+Two faults are about the server rather than a call: ``FaultPlan.max_in_flight``
+answers 429 to a call that arrives while that many are being answered (a
+rate-limited server), and :meth:`FakeModel.go_down` closes the listening
+socket and the open connections, so calls are refused, then listens again
+on the same port (a restarting server). ``Stats.max_in_flight`` is the most
+calls seen at once.
+
 In-process::
 
     fake = FakeModel(FaultPlan(rate=0.3, faults=("429", "503")))
@@ -22,7 +29,8 @@ As a subprocess (for kill/restart tests)::
 
 prints ``fakemodel listening on 127.0.0.1:PORT`` and serves until SIGTERM.
 Control endpoints: ``GET /_fake/stats`` (counts as JSON), ``POST /_fake/plan``
-(a JSON FaultPlan replaces the current one), ``POST /_fake/reset``.
+(a JSON FaultPlan replaces the current one), ``POST /_fake/reset``,
+``POST /_fake/down`` (``{"seconds": 5}``: down now, back after that long).
 """
 
 from __future__ import annotations
@@ -64,6 +72,8 @@ class FaultPlan:
             always succeeds (None: no limit).
         seed: seeds the per-(prompt, attempt) decision.
         latency_s: delay before every answer that is not a hang.
+        max_in_flight: answer 429 (with ``retry_after``) to a call that
+            arrives while this many are being answered (None: no limit).
     """
 
     rate: float = 0.0
@@ -72,6 +82,7 @@ class FaultPlan:
     max_faults_per_key: int | None = None
     seed: int = 0
     latency_s: float = 0.0
+    max_in_flight: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -117,11 +128,16 @@ class Stats:
     """``taskType`` values of embed calls as sent."""
     hanging: int = 0
     """Calls hanging right now."""
+    max_in_flight: int = 0
+    """The most calls seen being answered at once (see FakeModel.reset_peak)."""
+    overloaded: int = 0
+    """Calls answered 429 for ``FaultPlan.max_in_flight``."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready summary (arrivals left out)."""
         return {"calls": dict(self.calls), "faults": dict(self.faults), "fault_kinds": dict(self.fault_kinds),
-                "models": dict(self.models), "total": self.total, "hanging": self.hanging}
+                "models": dict(self.models), "total": self.total, "hanging": self.hanging,
+                "max_in_flight": self.max_in_flight, "overloaded": self.overloaded}
 
     @property
     def total(self) -> int:
@@ -143,8 +159,13 @@ class FakeModel:
         self.api_key = api_key
         self.stats = Stats()
         self.port = 0
+        self.downs = 0
+        """How often the fake went down."""
+        self.in_flight = 0
+        """Calls being answered right now (429s of ``max_in_flight`` are not)."""
         self._runner: web.AppRunner | None = None
         self._release: asyncio.Event | None = None
+        self._back: asyncio.Task[None] | None = None
 
     @property
     def url(self) -> str:
@@ -159,6 +180,7 @@ class FakeModel:
         app.router.add_get("/_fake/stats", self._get_stats)
         app.router.add_post("/_fake/plan", self._set_plan)
         app.router.add_post("/_fake/reset", self._reset)
+        app.router.add_post("/_fake/down", self._down)
         # A short shutdown: hanging handlers are released by stop() anyway.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
@@ -169,11 +191,55 @@ class FakeModel:
 
     async def stop(self) -> None:
         """Release hanging calls and stop listening; safe to call twice."""
+        back, self._back = self._back, None
+        if back is not None:
+            back.cancel()
+            await asyncio.gather(back, return_exceptions=True)
+        await self._close()
+
+    async def _close(self) -> None:
         if self._release is not None:
             self._release.set()
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+    def reset_peak(self) -> None:
+        """Start measuring ``stats.max_in_flight`` afresh from now."""
+        self.stats.max_in_flight = self.in_flight
+
+    @property
+    def up(self) -> bool:
+        """Whether the fake is listening."""
+        return self._runner is not None
+
+    async def go_down(self, seconds: float | None = None) -> None:
+        """Go down like a stopped server: the listening socket closes, so new
+        connections are refused; idle keep-alive connections close, and calls
+        being answered get up to a second to finish.
+
+        Args:
+            seconds: listen again on the same port after this long; None
+                stays down until :meth:`come_back`.
+        """
+        if self._runner is None:
+            return
+        self.downs += 1
+        # The listener closes first, then idle connections; calls being
+        # answered get up to a second (the runner's shutdown_timeout).
+        await self._close()
+        if seconds is not None:
+            self._back = asyncio.create_task(self._come_back_after(seconds))
+
+    async def come_back(self) -> None:
+        """Listen again on the port the fake had; no-op while it is up."""
+        if self._runner is None:
+            await self.start(self.port)
+
+    async def _come_back_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        self._back = None
+        await self.come_back()
 
     def release_hangs(self) -> None:
         """Let every hanging call answer 503 now."""
@@ -204,6 +270,20 @@ class FakeModel:
         if self.api_key is not None and request.headers.get("x-goog-api-key") != self.api_key:
             return _error(403, "API key not valid. Please pass a valid API key.")
         plan = self.plan
+        if plan.max_in_flight is not None and self.in_flight >= plan.max_in_flight:
+            stats.overloaded += 1
+            headers = {"Retry-After": plan.retry_after} if plan.retry_after is not None else {}
+            return _error(429, "Resource has been exhausted (too many requests in flight).", headers)
+        self.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, self.in_flight)
+        try:
+            return await self._answer(key, body, model, generate, plan)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, key: str, body: dict[str, Any], model: str, generate: bool,
+                      plan: FaultPlan) -> web.Response:
+        stats = self.stats
         fault = plan.decide(key, stats.calls[key], stats.faults[key])
         if fault is not None:
             stats.faults[key] += 1
@@ -251,6 +331,17 @@ class FakeModel:
 
     async def _reset(self, request: web.Request) -> web.Response:
         self.stats = Stats(hanging=self.stats.hanging)
+        return web.Response(body=b"{}", content_type="application/json")
+
+    async def _down(self, request: web.Request) -> web.Response:
+        try:
+            seconds = orjson.loads(await request.read()).get("seconds")
+        except (orjson.JSONDecodeError, AttributeError) as e:
+            return _error(400, str(e))
+        if seconds is not None and (not isinstance(seconds, int | float) or not 0 <= seconds <= 3600):
+            return _error(400, "seconds must be a number of seconds up to 3600, or null")
+        # After this answer is sent: going down closes this very connection.
+        asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(self.go_down(seconds)))
         return web.Response(body=b"{}", content_type="application/json")
 
 

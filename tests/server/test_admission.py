@@ -178,31 +178,37 @@ async def test_an_error_answer_ends_the_pause() -> None:
 
 
 async def test_waiting_calls_give_up_after_outage_timeout_and_probing_goes_on() -> None:
-    # Probes at 0.05 s and 0.10 s, the give-up at 0.15 s from the outage's start.
+    # Probes at 0.05 s and 0.10 s, the timeout at 0.15 s from the outage's start.
     g = gate(2, outage_timeout_s=0.15, probes=Backoff(initial_s=0.05, max_s=0.05, jitter=0.0))
     loop = asyncio.get_running_loop()
     started = loop.time()
     for s in fill(g, 2):
         assert g.unreachable(s, started, code_pb2.DEADLINE_EXCEEDED, "did not answer", False)
-    waiters = [asyncio.create_task(g.wait()) for _ in range(3)]
+    waiters = [asyncio.create_task(g.wait()) for _ in range(4)]
     assert await asyncio.wait_for(waiters[0], 1) is Admission.PROBE
     assert g.unreachable(g.answered, loop.time(), code_pb2.DEADLINE_EXCEEDED, "did not answer", True)
     assert await asyncio.wait_for(waiters[1], 1) is Admission.PROBE
-    assert await asyncio.wait_for(waiters[2], 1) is Admission.GAVE_UP
-    assert loop.time() - started >= 0.15
+    await asyncio.sleep(max(0.0, started + 0.17 - loop.time()))
     assert "outlasted outage_timeout" in g.waiting_reason
+    # Past the timeout, but a probe is out: the others wait for its verdict.
+    assert not waiters[2].done() and not waiters[3].done()
+    assert g.unreachable(g.answered, loop.time(), code_pb2.DEADLINE_EXCEEDED, "did not answer", True)
+    assert await asyncio.wait_for(asyncio.gather(*waiters[2:]), 1) == [Admission.GAVE_UP, Admission.GAVE_UP]
     code, message = g.outage_error()
     assert code == code_pb2.DEADLINE_EXCEEDED
     assert message.startswith("did not answer (the model's backend has been unreachable for")
     assert "outage_timeout 0.15s" in message
-    # Past the timeout a newcomer gives up at once, unless it can be the next probe.
-    assert await g.wait() is Admission.GAVE_UP  # the second probe is still out
-    assert g.unreachable(g.answered, loop.time(), code_pb2.DEADLINE_EXCEEDED, "did not answer", True)
+    # Between probes a newcomer gives up at once; the next probe goes out
+    # with the next newcomer, and whoever comes meanwhile waits for it.
     assert await g.wait() is Admission.GAVE_UP
     await asyncio.sleep(0.06)
     assert await g.wait() is Admission.PROBE
+    after = asyncio.create_task(g.wait())
+    await settle()
+    assert not after.done()
     g.ok()
-    assert not g.paused and g.waiting_reason == "" and g.enter()
+    assert await asyncio.wait_for(after, 1) is Admission.ADMITTED
+    assert not g.paused and g.waiting_reason == "" and g.in_flight == 1
 
 
 async def test_a_cancelled_waiter_leaves_no_trace() -> None:
