@@ -257,6 +257,9 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
         elif key in ("backoff_initial", "backoff_max", "request_timeout", "outage_timeout", "probe_initial",
                      "probe_max"):
             ex_kw[f"{key}_s"] = parse_duration(value, f"executor.{key}")
+            if key.startswith("probe_") and ex_kw[f"{key}_s"] <= 0:
+                # Probes without a wait would hammer a server that is down.
+                raise ConfigError(f"executor.{key} must be positive")
         else:
             raise ConfigError(f"unknown key executor.{key}")
 

@@ -22,7 +22,7 @@ from google.longrunning import operations_pb2
 from google.rpc import code_pb2
 
 from longbatch.server.admission import ModelGate
-from longbatch.server.config import ExecutorSettings, ModelConfig, ServerConfig
+from longbatch.server.config import ConfigError, ExecutorSettings, ModelConfig, ServerConfig, config_from_dict
 from longbatch.v1 import batch_pb2
 
 from support import Stubs, generate_batch, metadata_of, wait_done
@@ -281,3 +281,17 @@ async def test_a_server_stopped_during_an_outage_resumes_the_batch_after_restart
     s = metadata_of(op).batch_stats
     assert (s.successful_request_count, s.failed_request_count) == (n, 0)
     assert [r.response.candidates[0].content.parts[0].text for r in results(op)] == [f"prompt {i}" for i in range(n)]
+
+
+def test_executor_keys_in_the_config() -> None:
+    defaults = ExecutorSettings()
+    assert (defaults.max_attempts, defaults.outage_timeout_s, defaults.probe_initial_s, defaults.probe_max_s) == (
+        5, 600.0, 0.5, 30.0)
+    config = config_from_dict({"executor": {"outage_timeout": "2m", "probe_initial": "250ms", "probe_max": "5s",
+                                            "max_attempts": 3}})
+    assert (config.executor.outage_timeout_s, config.executor.probe_initial_s, config.executor.probe_max_s,
+            config.executor.max_attempts) == (120.0, 0.25, 5.0, 3)
+    for bad, fragment in (({"probe_initial": "0s"}, "must be positive"), ({"max_attempts": 0}, "at least 1"),
+                          ({"outage_timeout": "soon"}, "executor.outage_timeout"), ({"outage": "1m"}, "unknown key")):
+        with pytest.raises(ConfigError, match=fragment):
+            config_from_dict({"executor": bad})
