@@ -307,3 +307,20 @@ async def test_close_fails_waiters_and_later_calls() -> None:
             await waiting
         with pytest.raises(ConnectError):
             await pool.request(pool.head("POST", "/echo", {}), b"")
+
+
+def test_works_on_uvloop_which_serve_runs_on() -> None:
+    import uvloop
+
+    # uvloop's transports are not asyncio.Transport subclasses: a type check there broke every call once.
+    async def calls() -> list[bytes]:
+        fake = Counting()
+        async with serve_app(fake.app) as port:
+            pool = H1Pool(f"http://{HOST}:{port}/v1", max_connections=2, timeout_s=5)
+            try:
+                head = pool.head("POST", "/echo", {})
+                return [(await pool.request(head, b"%d" % i)).body for i in range(3)]
+            finally:
+                await pool.aclose()
+
+    assert uvloop.run(calls()) == [b"0", b"1", b"2"]
