@@ -764,3 +764,13 @@ def test_calls_work_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(main(), 20))
+
+
+@pytest.mark.parametrize("options", [{"api_key": "sk-…"}, {"api_key": "sk-a\tb"},
+                                     {"headers": {"X-Team": "é"}}, {"headers": {"X-A:b": "1"}}])
+def test_keys_and_headers_must_be_sendable_as_headers(options: dict[str, object]) -> None:
+    # A key pasted with a typographic ellipsis once made every call fail to encode.
+    with pytest.raises(ConfigError) as e:
+        create_backend(ModelConfig(name=MODEL, backend="openai", options={"base_url": "http://127.0.0.1:9/v1",
+                                                                           **options}))
+    assert "\n" not in str(e.value) and "printable ASCII" in str(e.value) and "…" not in str(e.value)

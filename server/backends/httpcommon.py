@@ -57,7 +57,7 @@ from .base import BackendError
 from .h1 import ConnectError, ConnectionLost, H1Pool, ProtocolError
 
 __all__ = [
-    "MAX_MESSAGE_BYTES", "HttpClient", "OptionReader", "error_detail", "excerpt", "status_error",
+    "MAX_MESSAGE_BYTES", "HttpClient", "OptionReader", "error_detail", "excerpt", "header_safe", "status_error",
 ]
 
 MAX_MESSAGE_BYTES = 1024
@@ -297,6 +297,11 @@ class HttpClient:
         await self._pool.aclose()
 
 
+def header_safe(text: str) -> bool:
+    """Whether ``text`` can be sent as an HTTP header name or value as it is (printable ASCII)."""
+    return text.isascii() and text.isprintable()
+
+
 class OptionReader:
     """Reads and validates one model's backend options.
 
@@ -376,8 +381,9 @@ class OptionReader:
         if key not in self._opts:
             return None
         value = self._opts[key]
-        if not isinstance(value, str) or not value or value != value.strip() or "\n" in value:
-            raise self.error(key, "must be a non-empty string without surrounding whitespace")
+        if not isinstance(value, str) or not value or value != value.strip() or not header_safe(value):
+            # It travels in a header: printable ASCII only, or the first call could not be sent.
+            raise self.error(key, "must be a non-empty string of printable ASCII without surrounding whitespace")
         return value
 
     def base_url(self, key: str = "base_url", example: str = "http://127.0.0.1:8080") -> str:

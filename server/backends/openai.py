@@ -101,7 +101,7 @@ from ..config import ModelConfig
 from ..wire import tagged, varint
 from .base import BackendError
 from .batching import MicroBatcher
-from .httpcommon import HttpClient, OptionReader, error_detail
+from .httpcommon import HttpClient, OptionReader, error_detail, header_safe
 
 log = logging.getLogger("longbatch.backends.openai")
 
@@ -671,6 +671,6 @@ def _headers(opts: OptionReader) -> dict[str, str] | None:
     reserved = {"authorization", "content-type", "accept", "content-length", "host"}
     if clash := sorted(k for k in table if k.lower() in reserved):
         raise opts.error("headers", f"must not set {', '.join(clash)} (use api_key for Authorization)")
-    if any("\n" in k or "\r" in k or "\n" in v or "\r" in v for k, v in table.items()):
-        raise opts.error("headers", "must not hold line breaks")
+    if not all(header_safe(k) and header_safe(v) and k.strip() == k and ":" not in k for k, v in table.items()):
+        raise opts.error("headers", "names and values must be printable ASCII (no line breaks, no ':' in names)")
     return dict(table)
