@@ -290,7 +290,7 @@ def file_row(file: file_pb2.File) -> list[str]:
     ]
 
 
-MODEL_HEADERS = ("NAME", "BACKEND", "CONCURRENCY", "METHODS", "DISPLAY NAME")
+MODEL_HEADERS = ("NAME", "BACKEND", "BASE URL", "CONCURRENCY", "METHODS", "DISPLAY NAME")
 
 
 def model_row(model: model_pb2.Model) -> list[str]:
@@ -298,6 +298,7 @@ def model_row(model: model_pb2.Model) -> list[str]:
     return [
         model.name,
         model.backend,
+        model.base_url or "-",
         str(model.max_concurrency),
         ",".join(model.supported_methods),
         model.display_name,

@@ -9,8 +9,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+from .backends import supported_kinds
 from .config import Limits, ModelConfig
-from .domain import Batch, NewBatch, ResultRow
+from .domain import Batch, BatchKind, NewBatch, ResultRow
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .executor import Executor
 from .files import FileStorage, new_id
@@ -63,6 +64,11 @@ class BatchManager:
         if valid.model not in self._models:
             raise NotFound(f"model {valid.model} not found; see `longbatch models`", reason="MODEL_NOT_FOUND",
                            violations=[("batch.model", "is not a configured model")])
+        if valid.kind not in supported_kinds(self._models[valid.model].backend):
+            method = "batchGenerateContent" if valid.kind is BatchKind.GENERATE else "asyncBatchEmbedContent"
+            raise InvalidArgument(f"model {valid.model} does not support {method}; see `longbatch models`",
+                                  reason="METHOD_NOT_SUPPORTED",
+                                  violations=[("batch.model", f"does not support {method}")])
         input_file = None
         if valid.file_name is not None:
             input_file = valid.file_name.removeprefix("files/")

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig
+from ..domain import BatchKind
 from .base import Backend, BackendError
 from .echo import EchoBackend
 from .gemini_http import GeminiHttpBackend
 from .openai import OpenAIBackend
 
-__all__ = ["Backend", "BackendError", "EchoBackend", "GeminiHttpBackend", "OpenAIBackend", "create_backend"]
+__all__ = ["Backend", "BackendError", "EchoBackend", "GeminiHttpBackend", "OpenAIBackend", "create_backend",
+           "supported_kinds"]
+
+_EMBED_ONLY = frozenset({"sentence-transformers"})
+
+
+def supported_kinds(backend: str) -> frozenset[BatchKind]:
+    """The batch kinds a backend can run: a batch of another kind is refused at create."""
+    return frozenset({BatchKind.EMBED}) if backend in _EMBED_ONLY else frozenset(BatchKind)
 
 
 def create_backend(model: ModelConfig) -> Backend:

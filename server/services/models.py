@@ -9,13 +9,15 @@ import grpc
 
 from longbatch.v1 import model_pb2, model_pb2_grpc
 
+from ..backends import supported_kinds
 from ..config import ModelConfig
+from ..domain import BatchKind
 from ..errors import NotFound
 from ..paging import PageTokens, read_page_request
 from ..validate import Violations, validate_model_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
-_METHODS = ["batchGenerateContent", "asyncBatchEmbedContent"]
+_METHODS = {BatchKind.GENERATE: "batchGenerateContent", BatchKind.EMBED: "asyncBatchEmbedContent"}
 
 
 # Backends that talk to a model server over HTTP, whose base URL is shown.
@@ -29,8 +31,10 @@ def model_message(m: ModelConfig) -> model_pb2.Model:
     refuses credentials in it); the API key is never shown.
     """
     base_url = m.options.get("base_url") if m.backend in _HTTP_BACKENDS else None
+    kinds = supported_kinds(m.backend)
+    methods = [name for kind, name in _METHODS.items() if kind in kinds]
     return model_pb2.Model(name=m.name, display_name=m.display_name or m.name.removeprefix("models/"),
-                           backend=m.backend, supported_methods=_METHODS, max_concurrency=m.max_concurrency,
+                           backend=m.backend, supported_methods=methods, max_concurrency=m.max_concurrency,
                            base_url=base_url.strip().rstrip("/") if isinstance(base_url, str) else "")
 
 
