@@ -227,10 +227,12 @@ def _conclude(
         failed_by_code.subtract({"CANCELLED": batch.batch_stats.cancelled_request_count,
                                  "DEADLINE_EXCEEDED": batch.batch_stats.expired_request_count})
         failed_by_code = +failed_by_code
-    (err if args.json else out).write(display.summary_line(op.name, batch, failed_by_code, error) + "\n")
+    summary = display.summary_line(op.name, batch, failed_by_code, error)
+    (err if args.json else out).write(summary + "\n")
     if batch.state == batch_pb2.BATCH_STATE_FAILED and error is not None:
         for field, description in BatchFailed(error, batch).field_violations:
-            err.write(f"  {field}: {description}\n")
+            if description not in summary:
+                err.write(f"  {field}: {description}\n")
     if batch.state != batch_pb2.BATCH_STATE_SUCCEEDED:
         return EXIT_BATCH_NOT_SUCCEEDED
     return EXIT_REQUESTS_FAILED if batch.batch_stats.failed_request_count else EXIT_OK

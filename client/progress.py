@@ -151,6 +151,8 @@ class BatchProgress(_StatusLine):
             return [*parts, _Part("validating input")]
         counts = f"{self.finished:,}/{self.total:,}"
         if self.state not in _ACTIVE:
+            if not self.total:  # a file batch that failed before any request was read
+                return parts
             parts.append(_Part(f"{counts} finished"))
             if self.failed:
                 parts.append(_Part(f"{self.failed:,} failed", drop=4, style="red"))

@@ -197,6 +197,7 @@ def test_a_cancelled_batch_never_shows_a_percentage_or_a_bar() -> None:
         line = rendered(cancelled, width)
         assert "%" not in line and "━" not in line
     assert "%" not in BatchProgress("batches/x", "EXPIRED", 500, 500).plain()
+    assert BatchProgress("batches/x", "FAILED", 0, 0).plain() == "batches/x  FAILED"  # failed before it was read
 
 
 def test_a_file_batch_being_read_says_so() -> None:

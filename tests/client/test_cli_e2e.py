@@ -260,3 +260,17 @@ async def test_a_file_batch_says_it_is_validating_before_it_runs(server, tmp_pat
     assert "0/0" not in err
     if progress[0].split()[1] == "PENDING":  # caught before the input was read
         assert progress[0].endswith("PENDING  validating input"), progress
+
+
+async def test_a_failed_file_batch_says_why_once(server, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"key": "a", "request": {"contents": [{"parts": [{"text": "x"}]}]}}\n'
+                   '{"key": "b", "request": {"bogus": 1}}\nnot json\n')
+    code, out, err = await run_cli(capsys, server.target, "submit", str(bad), "--wait")
+    assert code == 4
+    [summary] = out.splitlines()
+    assert " FAILED: INVALID_ARGUMENT: " in summary and 'line 2: request: unknown field "bogus"' in summary
+    violations = [line for line in err.splitlines() if line.startswith("  ")]
+    assert len(violations) == 1 and "line 3: not valid JSON" in violations[0]  # line 2 is in the summary already
+    assert err.splitlines()[-2].endswith("  FAILED")
