@@ -28,7 +28,11 @@ log = logging.getLogger("longbatch")
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="longbatch serve", description="Run the longbatch server.")
+    p = argparse.ArgumentParser(
+        prog="longbatch serve", description="Run the longbatch server.",
+        epilog="exit status: 0 after a clean shutdown (SIGTERM, Ctrl-C), 1 when it could not start (port or data "
+               "dir in use, damaged database), 2 for bad flags or a bad config",
+    )
     p.add_argument("--host", default=env("LONGBATCH_HOST", "127.0.0.1"),
                    help="address to listen on (LONGBATCH_HOST, default 127.0.0.1)")
     # A string default goes through type=int too: a bad LONGBATCH_PORT is a usage error, not a traceback.
