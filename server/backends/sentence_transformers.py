@@ -7,10 +7,12 @@ touches torch or numpy. The event loop never waits on the model.
 
 The executor calls :meth:`SentenceTransformersBackend.embed` once per request,
 from every running embed batch of the model at once. A :class:`MicroBatcher`
-turns those calls into ``encode`` calls of up to ``batch_size`` texts, waiting
+turns those calls into ``encode`` calls of up to ``group_size`` texts, waiting
 at most ``max_wait`` for a group to fill, one group at a time, so the next
 group gathers while the current one encodes: batched encode is ~4.5 times faster
-per text than one text per call on a CPU.
+per text than one text per call on a CPU. ``encode`` sorts a group by length
+before cutting it into forward passes of ``batch_size`` texts, so a group of
+several batches pads less than one of a single batch in arrival order.
 
 Model options (extra keys of the model's ``[[models]]`` table):
 
@@ -19,7 +21,8 @@ Model options (extra keys of the model's ``[[models]]`` table):
   model id such as ``sentence-transformers/all-MiniLM-L6-v2`` that is already
   in the local Hugging Face cache.
 * ``device``: ``cpu`` (default), ``cuda``, ``cuda:1``, ``mps``, …
-* ``batch_size``: texts per ``encode`` call at most (default 64).
+* ``batch_size``: texts per forward pass of the model (default 64).
+* ``group_size``: texts per ``encode`` call at most (default 4 times ``batch_size``).
 * ``max_wait``: how long a group waits to fill, a duration (default ``5ms``).
 * ``normalize``: return unit-length vectors (default true); false returns
   the model's raw vectors.
@@ -66,7 +69,11 @@ __all__ = ["SentenceTransformersBackend"]
 
 log = logging.getLogger("longbatch.backends.sentence_transformers")
 
-_OPTIONS = frozenset({"model", "device", "batch_size", "max_wait", "normalize", "prompts", "default_title"})
+_OPTIONS = frozenset({"model", "device", "batch_size", "group_size", "max_wait", "normalize", "prompts",
+                      "default_title"})
+_GROUP_BATCHES = 4
+"""Default group_size in batches: measured on all-MiniLM-L6-v2 over 2 CPU
+cores, groups of 4 batches pad about as little as one whole sorted list."""
 _DEVICE = re.compile(r"[a-z][a-z0-9_]*(:\d+)?")
 # A Hugging Face model id: "name" or "owner/name".
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
@@ -79,6 +86,7 @@ _TASK_TYPES = {
 _DEFAULT_KEY = "default"
 _FIELDS = frozenset({"text", "title"})
 _MAX_BATCH_SIZE = 4096
+_MAX_GROUP_SIZE = 65536
 
 
 @dataclass(frozen=True)
@@ -94,8 +102,9 @@ class SentenceTransformersBackend:
     many requests per ``encode`` call."""
 
     def __init__(self, *, name: str, model_path: str, device: str = "cpu", batch_size: int = 64,
-                 max_wait_s: float = 0.005, normalize: bool = True, prompts: dict[int, str] | None = None,
-                 default_prompt: str | None = None, default_title: str = "") -> None:
+                 group_size: int | None = None, max_wait_s: float = 0.005, normalize: bool = True,
+                 prompts: dict[int, str] | None = None, default_prompt: str | None = None,
+                 default_title: str = "") -> None:
         """Start loading the model on the encode thread and return at once.
 
         The first group of requests waits for the load (a few seconds, most
@@ -106,7 +115,9 @@ class SentenceTransformersBackend:
             name: the longbatch model name, for messages.
             model_path: a folder holding the model, already checked to exist.
             device: torch device to run on.
-            batch_size: texts per ``encode`` call at most.
+            batch_size: texts per forward pass.
+            group_size: texts per ``encode`` call at most; None for
+                ``4 * batch_size``.
             max_wait_s: how long a group waits to fill.
             normalize: return unit-length vectors.
             prompts: templates by TaskType number, already validated.
@@ -116,6 +127,7 @@ class SentenceTransformersBackend:
         self._name = name
         self._path = model_path
         self._device = device
+        self._batch_size = batch_size
         self._normalize = normalize
         self._prompts = prompts or {}
         self._default_prompt = default_prompt
@@ -127,12 +139,15 @@ class SentenceTransformersBackend:
         """``encode`` calls made for requests so far (the warm-up not counted)."""
         self.encoded_texts = 0
         """Texts encoded for requests so far."""
+        self.encode_seconds = 0.0
+        """Wall time spent inside those ``encode`` calls."""
         # One thread: torch already spreads one encode over the cores, and
         # two encodes at once would only contend for them.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longbatch-encode")
         self._loaded = self._thread.submit(self._load)
         self._batcher: MicroBatcher[_Item, list[float]] = MicroBatcher(
-            self._encode_group, max_size=batch_size, max_wait_s=max_wait_s, max_in_flight=1)
+            self._encode_group, max_size=group_size or _GROUP_BATCHES * batch_size, max_wait_s=max_wait_s,
+            max_in_flight=1)
 
     @classmethod
     def from_config(cls, model: ModelConfig) -> SentenceTransformersBackend:
@@ -157,6 +172,9 @@ class SentenceTransformersBackend:
         batch_size = opts.get("batch_size", 64)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= _MAX_BATCH_SIZE:
             raise ConfigError(f"{where}: batch_size must be an integer from 1 to {_MAX_BATCH_SIZE}, got {batch_size!r}")
+        group_size = opts.get("group_size", _GROUP_BATCHES * batch_size)
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or not 1 <= group_size <= _MAX_GROUP_SIZE:
+            raise ConfigError(f"{where}: group_size must be an integer from 1 to {_MAX_GROUP_SIZE}, got {group_size!r}")
         max_wait_s = parse_duration(opts.get("max_wait", "5ms"), f"{where}: max_wait")
         if max_wait_s > 10:
             raise ConfigError(f"{where}: max_wait must be at most 10s: each request waits that long for company")
@@ -171,7 +189,8 @@ class SentenceTransformersBackend:
             raise ConfigError(f"{where}: the sentence-transformers package is not installed; "
                               "pip install 'longbatch[local]'")
         path = _resolve_model(ref, where)
-        return cls(name=model.name, model_path=path, device=device, batch_size=batch_size, max_wait_s=max_wait_s,
+        return cls(name=model.name, model_path=path, device=device, batch_size=batch_size, group_size=group_size,
+                   max_wait_s=max_wait_s,
                    normalize=normalize, prompts=prompts, default_prompt=default_prompt, default_title=default_title)
 
     # -- Backend protocol ------------------------------------------------------------
@@ -206,6 +225,9 @@ class SentenceTransformersBackend:
         # left importing torch would hold the interpreter's exit anyway.
         await asyncio.to_thread(self._thread.shutdown, True, cancel_futures=True)
         self._model = None
+        if self.encode_calls:
+            log.info("%s: encoded %d texts in %d encode calls, %.1fs", self._name, self.encoded_texts,
+                     self.encode_calls, self.encode_seconds)
 
     # -- on the event loop ---------------------------------------------------------
 
@@ -266,8 +288,10 @@ class SentenceTransformersBackend:
         model, full = self._model, self._dim
         if model is None or full is None:
             raise BackendError(code_pb2.UNAVAILABLE, f"{self._name}: the model is shut down")
-        vectors = model.encode([item.text for item in items], batch_size=len(items), convert_to_numpy=True,
+        started = time.perf_counter()
+        vectors = model.encode([item.text for item in items], batch_size=self._batch_size, convert_to_numpy=True,
                                normalize_embeddings=self._normalize, show_progress_bar=False)
+        self.encode_seconds += time.perf_counter() - started
         self.encode_calls += 1
         self.encoded_texts += len(items)
         out: list[list[float] | BackendError] = []
