@@ -55,7 +55,7 @@ def direct() -> Any:
 
 
 def minilm(**options: Any) -> ServerConfig:
-    return ServerConfig(models=(ModelConfig(name=MODEL, backend="sentence-transformers", max_concurrency=128,
+    return ServerConfig(models=(ModelConfig(name=MODEL, backend="sentence-transformers", max_concurrency=256,
                                             options={"model": MODEL_PATH, **options}),))
 
 
