@@ -149,8 +149,10 @@ class WebhookSettings:
 
 
 # Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
-# high limit lets one commit carry hundreds of results.
-_DEFAULT_CONCURRENCY = {"echo": 1024}
+# high limit lets one commit carry hundreds of results. A local embedding
+# model groups the requests in flight into encode calls of up to group_size
+# (256 by default) texts, so fewer in flight than that makes smaller groups.
+_DEFAULT_CONCURRENCY = {"echo": 1024, "sentence-transformers": 256}
 
 DEFAULT_MODELS = (
     ModelConfig(name="models/echo", backend="echo", max_concurrency=1024, display_name="Echo (test model)"),

@@ -13,6 +13,7 @@ import base64
 import math
 from typing import Any
 
+import numpy as np
 import orjson
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.internal import type_checkers
@@ -203,6 +204,38 @@ def _tail_json(data: bytes, content_end: int, candidate_end: int) -> bytes | Non
 
 
 _USAGE_FIELDS = ((0x08, b'"promptTokenCount":'), (0x10, b'"candidatesTokenCount":'), (0x18, b'"totalTokenCount":'))
+
+
+def embed_response_json(data: bytes) -> bytes:
+    """``orjson.dumps(embed_response(data))``, without a Python float per component.
+
+    The usual answer is one packed run of little-endian float32 (field 1 of
+    field 1): it is read as a float32 array and orjson writes each value as
+    the shortest decimal that round-trips in 32 bits, as protobuf's JSON
+    does (~11 µs for 384 components, against ~590 µs through
+    ``ToShortestFloat``). Spellings may differ (``1e-05`` and ``1e-5``), the
+    values never. Anything else (other fields, unpacked values, NaN or
+    infinity, which JSON has no number for) takes the general route.
+    """
+    fast = _packed_embedding(data)
+    if fast is not None:
+        return fast
+    return orjson.dumps(embed_response(data))
+
+
+def _packed_embedding(data: bytes) -> bytes | None:
+    if len(data) < 4 or data[0] != 0x0A:
+        return None
+    size, p = read_varint(data, 1)
+    if p + size != len(data) or size < 2 or data[p] != 0x0A:
+        return None
+    count, q = read_varint(data, p + 1)
+    if q + count != len(data) or count % 4:
+        return None
+    values = np.frombuffer(data, dtype="<f4", count=count // 4, offset=q)
+    if not np.isfinite(values).all():
+        return None
+    return b'{"embedding":{"values":' + orjson.dumps(values, option=orjson.OPT_SERIALIZE_NUMPY) + b"}}"
 
 
 def embed_response(data: bytes) -> dict[str, Any]:

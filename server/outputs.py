@@ -51,7 +51,7 @@ _COPIES = 2
 _HEADROOM = 64 << 10
 _RESPONSE_JSON: dict[BatchKind, Callable[[bytes], bytes]] = {
     BatchKind.GENERATE: jsonout.generate_response_json,
-    BatchKind.EMBED: lambda data: orjson.dumps(jsonout.embed_response(data)),
+    BatchKind.EMBED: jsonout.embed_response_json,
 }
 
 

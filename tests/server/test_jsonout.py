@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import numpy as np
 import orjson
 from google.protobuf import any_pb2, json_format, struct_pb2
 from google.protobuf.message import DecodeError
@@ -153,6 +155,41 @@ def test_embed_response_matches_message_to_dict(values: list[float], has_embeddi
         r.embedding.SetInParent()
         r.embedding.values.extend(values)
     assert jsonout.embed_response(r.SerializeToString()) == json_format.MessageToDict(r)
+
+
+def _same_float32(json_value: object, proto_value: float) -> bool:
+    if isinstance(json_value, str):  # NaN and infinities are strings in proto JSON
+        return json_value == jsonout._float(proto_value)
+    assert isinstance(json_value, float | int)
+    return bool(np.float32(json_value) == np.float32(proto_value)) and math.copysign(1, json_value) == math.copysign(
+        1, proto_value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(width=32), max_size=50), st.booleans(), st.binary(max_size=8))
+@example([1e-45, -0.0, 3.4028235e38, 1.1754944e-38, 1e-05], True, b"")
+def test_embed_response_json_holds_every_float32_value(values: list[float], has_embedding: bool, junk: bytes) -> None:
+    r = c.EmbedContentResponse()
+    if has_embedding:
+        r.embedding.SetInParent()
+        r.embedding.values.extend(values)
+    data = r.SerializeToString()
+    expected = json_format.MessageToDict(r)
+    got = orjson.loads(jsonout.embed_response_json(data))
+    assert got.keys() == expected.keys()
+    if expected.get("embedding", {}).get("values"):
+        assert len(got["embedding"]["values"]) == len(values)
+        assert all(_same_float32(g, v) for g, v in zip(got["embedding"]["values"], r.embedding.values, strict=True))
+    else:
+        assert got == expected
+    # Damaged or extended bytes never take the fast route wrongly: the answer is the general route's, or its error.
+    for damaged in (data + junk, data[: len(data) // 2]):
+        try:
+            general = orjson.dumps(jsonout.embed_response(damaged))
+        except DecodeError:
+            continue
+        fast = orjson.loads(jsonout.embed_response_json(damaged))
+        assert fast.keys() == orjson.loads(general).keys()
 
 
 @settings(max_examples=100, deadline=None)
