@@ -14,7 +14,7 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import _async as health_aio  # the public `health.aio` alias is missing from grpc-stubs
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from longbatch.v1 import batch_pb2_grpc, file_pb2_grpc, model_pb2_grpc
+from longbatch.v1 import batch_pb2_grpc, file_pb2_grpc, model_pb2_grpc, quota_pb2_grpc
 
 from .backends import create_backend
 from .config import ServerConfig
@@ -27,12 +27,14 @@ from .manager import BatchManager
 from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens
+from .quotas import Quotas
 from .reflection import enable_reflection
 from .retention import RetentionPurge
 from .services.batches import BatchService
 from .services.files import FileExpiry, FileService
 from .services.models import ModelService
 from .services.operations import OperationsService
+from .services.quotas import QuotaService
 from .sqlite_store import SQLiteStore
 from .webhooks import WebhookDispatcher
 from .workers import WorkerPool
@@ -43,6 +45,7 @@ SERVICE_NAMES = (
     "longbatch.v1.BatchService",
     "longbatch.v1.FileService",
     "longbatch.v1.ModelService",
+    "longbatch.v1.QuotaService",
     "google.longrunning.Operations",
     health.SERVICE_NAME,
 )
@@ -111,10 +114,14 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
         for m in config.models
     }
 
+    # Built-in quota defaults apply once callers authenticate (API keys): an
+    # open server's one caller is its operator.
+    quotas = Quotas(config.quotas, store, open_server=not config.api_keys)
+
     async def read_input(batch: Batch) -> int:
         assert batch.input_file is not None
         return await ingest(batch, files.path(batch.input_file), config.limits,
-                            functools.partial(store.append_requests, batch.id), workers)
+                            quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)), workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input,
                         workers)
@@ -122,7 +129,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     executor.on_terminal = webhooks.on_terminal
     tokens = PageTokens(await store.secret("page-token-key"))
     models = {m.name: m for m in config.models}
-    manager = BatchManager(store, executor, outputs, notifier, files, models, config.limits, tokens)
+    manager = BatchManager(store, executor, outputs, notifier, files, models, config.limits, tokens, quotas)
 
     # A create call over the limit is refused by gRPC itself with
     # RESOURCE_EXHAUSTED before it is read into memory.
@@ -140,8 +147,9 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), edge)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
-    file_service = FileService(store, files, config.limits, tokens, on_large_upload=workers.warm)
+    file_service = FileService(store, files, config.limits, tokens, on_large_upload=workers.warm, quotas=quotas)
     file_pb2_grpc.add_FileServiceServicer_to_server(file_service, edge)
+    quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(quotas), edge)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server, SERVICE_NAMES)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,55 @@ class WebhookSettings:
     """POSTs in flight at once (8)."""
 
 
+@dataclass(frozen=True)
+class TenantQuota:
+    """One tenant's quotas (``[quotas]``, see docs/reference.md#quotas).
+
+    ``None`` lifts a limit (``"unlimited"`` in the config); 0 allows none.
+    The defaults protect a small server from one tenant: five files of the
+    largest size, Gemini's 100 concurrent batch jobs, and one largest file
+    batch's requests waiting at a time.
+    """
+
+    max_stored_bytes: int | None = 10 << 30
+    """Bytes of the tenant's files, uploaded and generated (10 GiB)."""
+    max_files: int | None = 1000
+    """Files the tenant holds, uploaded and generated (1000)."""
+    max_unfinished_batches: int | None = 100
+    """Batches not done yet (100)."""
+    max_pending_requests: int | None = 5_000_000
+    """Requests stored in batches not done and not run yet (5,000,000, ``limits.max_file_lines``)."""
+    max_creates: int | None = 60
+    """Batch creates and file uploads together in any ``create_window`` (60)."""
+    create_window_s: float = 60.0
+    """The sliding window of ``max_creates``, seconds (1 min)."""
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    """``[quotas]`` and its ``[[quotas.tenants]]`` overrides."""
+
+    defaults: TenantQuota | None = None
+    """Every tenant's quotas. None (no ``[quotas]`` in the config): the
+    built-in ``TenantQuota()`` when callers authenticate, no limits on an
+    open server (one caller, the operator, on loopback)."""
+    tenants: tuple[tuple[str, TenantQuota], ...] = ()
+    """(tenant, its quotas) overrides; keys a tenant's table leaves out come from ``defaults``."""
+
+    def for_tenant(self, tenant: str, open_server: bool) -> TenantQuota:
+        """The quotas of ``tenant``."""
+        for name, quota in self.tenants:
+            if name == tenant:
+                return quota
+        if self.defaults is not None:
+            return self.defaults
+        return _NO_QUOTA if open_server else TenantQuota()
+
+
+_NO_QUOTA = TenantQuota(max_stored_bytes=None, max_files=None, max_unfinished_batches=None,
+                        max_pending_requests=None, max_creates=None)
+
+
 # Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
 # high limit lets one commit carry hundreds of results. A local embedding
 # model groups the requests in flight into encode calls of up to group_size
@@ -179,6 +228,8 @@ class ServerConfig:
     """Webhook delivery retries and timeouts."""
     grace_period_s: float = 10.0
     """Seconds in-flight RPCs get to finish on shutdown."""
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
+    """Per-tenant quotas (``[quotas]``)."""
     workers: int = 2
     """Processes for CPU-bound work (parsing input files, writing results
     files, the echo model); 0 keeps that work in the server process."""
@@ -194,7 +245,7 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
 
 def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     """Build a ServerConfig from parsed TOML, rejecting unknown keys."""
-    known = {"limits", "models", "api_keys", "webhooks", "executor", "server"}
+    known = {"limits", "models", "api_keys", "webhooks", "executor", "server", "quotas"}
     if unknown := set(data) - known:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     lim = data.get("limits", {})
@@ -279,6 +330,7 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
         webhooks=webhooks,
         grace_period_s=grace,
         workers=workers,
+        quotas=_quota_settings(data),
     )
 
 
@@ -299,6 +351,60 @@ def _webhook_settings(hooks: dict[str, Any]) -> WebhookSettings:
     if kw.get("timeout_s", 1.0) <= 0:
         raise ConfigError("webhooks.timeout must be positive")
     return WebhookSettings(**kw)
+
+
+def _quota_value(table: dict[str, Any], key: str, where: str) -> int | None:
+    """A quota's limit: a count (a size for bytes), or ``"unlimited"`` (None)."""
+    value = table[key]
+    if value == "unlimited":
+        return None
+    if key == "max_stored_bytes":
+        return parse_size(value, f"{where}.{key}")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{where}.{key}: expected a number or \"unlimited\", got {value!r}")
+    if value < 0:
+        raise ConfigError(f"{where}.{key}: must not be negative (0 allows none; \"unlimited\" lifts the limit)")
+    return value
+
+
+def _quota_table(table: Any, base: TenantQuota, where: str, extra: tuple[str, ...] = ()) -> TenantQuota:
+    """``base`` with the quota keys of one ``[quotas]``-like table applied."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table")
+    kw: dict[str, Any] = {}
+    for key in table:
+        if key in extra:
+            continue
+        if key in ("max_stored_bytes", "max_files", "max_unfinished_batches", "max_pending_requests", "max_creates"):
+            kw[key] = _quota_value(table, key, where)
+        elif key == "create_window":
+            kw["create_window_s"] = parse_duration(table[key], f"{where}.create_window")
+            if kw["create_window_s"] <= 0:
+                raise ConfigError(f"{where}.create_window must be positive")
+        else:
+            raise ConfigError(f"unknown key {where}.{key}")
+    return replace(base, **kw)
+
+
+def _quota_settings(data: dict[str, Any]) -> QuotaSettings:
+    """``[quotas]`` (defaults for every tenant) and ``[[quotas.tenants]]``
+    (one tenant's own, the keys it leaves out taken from ``[quotas]``)."""
+    if "quotas" not in data:
+        return QuotaSettings()
+    table = data["quotas"]
+    defaults = _quota_table(table, TenantQuota(), "quotas", extra=("tenants",))
+    tables = table.get("tenants", [])
+    if not isinstance(tables, list):
+        raise ConfigError("quotas.tenants: expected [[quotas.tenants]] tables")
+    tenants: list[tuple[str, TenantQuota]] = []
+    for i, t in enumerate(tables):
+        where = f"quotas.tenants[{i}]"
+        if not isinstance(t, dict) or "name" not in t or not _get(t, "name", str, where):
+            raise ConfigError(f"{where}.name is required")
+        tenants.append((t["name"], _quota_table(t, defaults, where, extra=("name",))))
+    if len({name for name, _ in tenants}) != len(tenants):
+        raise ConfigError("quotas.tenants: a tenant is listed twice")
+    return QuotaSettings(defaults=defaults, tenants=tuple(tenants))
 
 
 def load_config(path: Path | None) -> ServerConfig:

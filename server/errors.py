@@ -6,6 +6,7 @@
     ├── FailedPrecondition       valid request, wrong state ("cancel it first")
     ├── AlreadyExists
     ├── ResourceExhausted        over a size or count limit
+    │   └── QuotaExceeded        over a tenant's quota; adds a QuotaFailure
     ├── Unauthenticated          missing or unknown API key
     ├── Unimplemented
     └── Internal                 a fault of ours; the message stays generic
@@ -83,6 +84,41 @@ class ResourceExhausted(ServiceError):
 
     code = code_pb2.RESOURCE_EXHAUSTED
     default_reason = "RESOURCE_EXHAUSTED"
+
+
+class QuotaExceeded(ResourceExhausted):
+    """Over one of the tenant's quotas (server/quotas.py).
+
+    Its status carries, besides the ErrorInfo, a ``google.rpc.QuotaFailure``
+    with one violation (``subject`` names the tenant's limit, ``description``
+    the limit, the use and what was asked), and, for a rate limit, a
+    ``google.rpc.RetryInfo`` saying when a slot frees.
+    """
+
+    default_reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, subject: str, description: str, metadata: Mapping[str, str],
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message, metadata=metadata)
+        self.subject = subject
+        self.description = description
+        self.retry_after_s = retry_after_s
+
+    def to_status(self) -> status_pb2.Status:
+        """The status with ErrorInfo, QuotaFailure and, if any, RetryInfo."""
+        status = super().to_status()
+        failure = any_pb2.Any()
+        failure.Pack(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.description)
+        ]))
+        status.details.append(failure)
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromNanoseconds(max(0, int(self.retry_after_s * 1e9)))
+            packed = any_pb2.Any()
+            packed.Pack(retry)
+            status.details.append(packed)
+        return status
 
 
 class Unauthenticated(ServiceError):

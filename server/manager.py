@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 from .backends import supported_kinds
 from .config import Limits, ModelConfig
-from .domain import Batch, BatchKind, NewBatch, ResultRow
-from .errors import FailedPrecondition, InvalidArgument, NotFound
+from .domain import Batch, BatchKind, NewBatch, ResultRow, now_us
+from .errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from .executor import Executor
 from .files import FileStorage, new_id
 from .filters import BATCH_FILTER_FIELDS, FilterError, compile_filter
 from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens, read_page_request
-from .store import Store, StoreConflict
+from .quotas import Quotas
+from .store import OverQuota, Store, StoreConflict
 from .validate import ValidBatch
 
 MAX_WAIT_S = 600.0
@@ -49,6 +50,7 @@ class BatchManager:
         models: Mapping[str, ModelConfig],
         limits: Limits,
         page_tokens: PageTokens,
+        quotas: Quotas | None = None,
     ) -> None:
         self._store = store
         self._executor = executor
@@ -58,6 +60,7 @@ class BatchManager:
         self._models = models
         self._limits = limits
         self._tokens = page_tokens
+        self._quotas = quotas
 
     async def create(self, tenant: str, valid: ValidBatch, request_id: str) -> BatchView:
         """Store a validated batch and schedule it; idempotent on ``request_id``."""
@@ -79,15 +82,55 @@ class BatchManager:
             id=new_id(), tenant=tenant, kind=valid.kind, model=valid.model, display_name=valid.display_name,
             priority=valid.priority, input_file=input_file, webhook=valid.webhook, request_id=request_id or None,
         )
-        batch, created = await self._store.create_batch(
-            new, valid.items, int(self._limits.request_id_ttl_s * 1_000_000)
-        )
+        ttl_us = int(self._limits.request_id_ttl_s * 1_000_000)
+        if self._quotas is None:
+            batch, created = await self._store.create_batch(new, valid.items, ttl_us)
+        else:
+            batch, created = await self._create_within_quotas(self._quotas, new, valid, ttl_us)
         if created:
             self._executor.submit(batch)
         elif batch.kind is not valid.kind:
             raise InvalidArgument(f"request_id was already used for {batch.name}, a {batch.kind.value} batch",
                                   reason="REQUEST_ID_REUSED", violations=[("request_id", "already used")])
         return await self.view(batch)
+
+    async def _create_within_quotas(self, quotas: Quotas, new: NewBatch, valid: ValidBatch, ttl_us: int
+                                    ) -> tuple[Batch, bool]:
+        """``Store.create_batch`` within the tenant's quotas: a place in its
+        create window first, then the store's counts in the insert's
+        transaction. A repeated ``request_id`` answers with its batch even
+        when the window is full, as it creates nothing."""
+        tenant = new.tenant
+        try:
+            slot = quotas.take_create(tenant)
+        except QuotaExceeded:
+            earlier = await self._earlier(tenant, new.request_id, ttl_us)
+            if earlier is None:
+                raise
+            return earlier, False
+        try:
+            batch, created = await self._store.create_batch(new, valid.items, ttl_us, quotas.store_limits(tenant))
+        except OverQuota as e:
+            slot.release()
+            asked = ("this batch would be one more" if e.quota == "unfinished_batches"
+                     else f"this batch adds {len(valid.items)}" if valid.items
+                     else "a file batch needs room for at least one")
+            raise quotas.exceeded(tenant, e, asked) from None
+        except BaseException:
+            slot.release()
+            raise
+        if not created:
+            slot.release()  # the same request_id again: nothing new was made
+        return batch, created
+
+    async def _earlier(self, tenant: str, request_id: str | None, ttl_us: int) -> Batch | None:
+        """The tenant's batch made with ``request_id`` within ``ttl_us``, if any."""
+        if not request_id:
+            return None
+        rows = await self._store.list_batches(tenant, "request_id = ?", (request_id,), None, 1)
+        if rows and rows[0].create_time_us > now_us() - ttl_us:
+            return rows[0]
+        return None
 
     async def view(self, batch: Batch) -> BatchView:
         """``batch`` with its output once done, or why it waits while not."""

@@ -42,12 +42,15 @@ from .domain import (
 from .store import (
     Answerer,
     DeliveryStatus,
+    OverQuota,
     Purged,
     RangeRun,
     RangeRunner,
     RawResult,
     ResultReader,
     StoreConflict,
+    TenantUsage,
+    UsageLimits,
     WebhookDelivery,
 )
 
@@ -336,6 +339,29 @@ def _file(row: sqlite3.Row | tuple[Any, ...]) -> StoredFile:
     )
 
 
+# A tenant's unfinished batches and their pending requests. INDEXED BY the
+# partial index of batches not done: the tenant's index would walk its whole
+# history (done batches stay for the retention period). A batch whose input
+# is still being read counts the requests read so far as its highest idx + 1,
+# a seek on the requests' primary key rather than a count of its rows; a
+# closed one counts none (its unfinished requests have their outcome).
+_BATCH_USE = (
+    "SELECT COUNT(*), COALESCE(SUM(CASE WHEN b.ingested "
+    "THEN b.request_count - b.succeeded - b.failed - b.cancelled - b.expired "
+    "WHEN b.final_state IS NULL THEN COALESCE("
+    "(SELECT r.idx + 1 FROM requests r WHERE r.batch_seq = b.seq ORDER BY r.idx DESC LIMIT 1), 0) "
+    "ELSE 0 END), 0) FROM batches b INDEXED BY batches_not_done WHERE b.done = 0 AND b.tenant = ?"
+)
+# A tenant's files, uploaded and generated: at most its max_files rows.
+_FILE_USE = "SELECT COALESCE(SUM(size_bytes), 0), COUNT(*) FROM files WHERE tenant = ?"
+
+
+def _check(quota: str, used: int, adding: int, limit: int | None) -> None:
+    """Raise OverQuota when ``used + adding`` goes over ``limit`` (None: no limit)."""
+    if limit is not None and used + adding > limit:
+        raise OverQuota(quota, used, limit, adding)
+
+
 class SQLiteStore:
     """The Store over one SQLite database file in WAL mode."""
 
@@ -472,9 +498,10 @@ class SQLiteStore:
     # -- batches ------------------------------------------------------------
 
     async def create_batch(
-        self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int
+        self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int, limits: UsageLimits | None = None
     ) -> tuple[Batch, bool]:
-        """Insert a batch and its requests in one transaction (see Store)."""
+        """Insert a batch and its requests in one transaction, within
+        ``limits`` (see Store)."""
         now = now_us()
 
         def tx(conn: sqlite3.Connection) -> tuple[Batch, bool]:
@@ -488,6 +515,13 @@ class SQLiteStore:
                     if earlier.create_time_us > now - request_id_ttl_us:
                         return earlier, False
                     conn.execute("UPDATE batches SET request_id = NULL WHERE seq = ?", (earlier.seq,))
+            # Counted in this transaction, before this batch exists: the one
+            # writer thread runs transactions one at a time, so concurrent
+            # creates cannot both see the last free place.
+            unfinished = pending = 0
+            if limits is not None:
+                unfinished, pending = conn.execute(_BATCH_USE, (batch.tenant,)).fetchone()
+                _check("unfinished_batches", unfinished, 1, limits.unfinished_batches)
             cur = conn.execute(
                 "INSERT INTO batches (id, tenant, kind, model, display_name, priority, state, create_time, "
                 "update_time, input_file, webhook, request_id, ingested) "
@@ -505,6 +539,11 @@ class SQLiteStore:
                     count += _execute_rows(conn, _INSERT_REQUESTS, chunk)
                     chunk.clear()
             count += _execute_rows(conn, _INSERT_REQUESTS, chunk)
+            if limits is not None:
+                # Raising rolls the rows back. A file batch has no requests
+                # yet (they are counted as its input is read) but needs room
+                # for one.
+                _check("pending_requests", pending, max(count, 1), limits.pending_requests)
             conn.execute("UPDATE batches SET request_count = ? WHERE seq = ?", (count, seq))
             row = conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (seq,)).fetchone()
             assert row is not None
@@ -589,13 +628,20 @@ class SQLiteStore:
         finally:
             self._done.pop(batch_id, None)
 
-    async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes]) -> None:
-        """Add requests read from a batch's input file, in one transaction (see Store)."""
+    async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes],
+                              max_pending: int | None = None) -> None:
+        """Add requests read from a batch's input file, in one transaction,
+        within ``max_pending`` (see Store)."""
 
         def tx(conn: sqlite3.Connection) -> None:
-            row = conn.execute("SELECT seq FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            row = conn.execute("SELECT seq, tenant FROM batches WHERE id = ?", (batch_id,)).fetchone()
             if row is None:
                 return
+            if max_pending is not None:
+                # Counts this batch's requests read so far too: every batch
+                # fed the same file counts its own copy.
+                _check("pending_requests", conn.execute(_BATCH_USE, (row[1],)).fetchone()[1], len(flat) // 3,
+                       max_pending)
             _execute_flat(conn, _APPEND_REQUESTS, (row[0], first_idx), flat, 3)
 
         await self._write(tx)
@@ -828,10 +874,14 @@ class SQLiteStore:
 
     # -- files --------------------------------------------------------------
 
-    async def add_file(self, file: StoredFile) -> None:
-        """Insert a file row (its seq is assigned here)."""
+    async def add_file(self, file: StoredFile, limits: UsageLimits | None = None) -> None:
+        """Insert a file row (its seq is assigned here), within ``limits`` (see Store)."""
 
         def tx(conn: sqlite3.Connection) -> None:
+            if limits is not None:
+                stored, count = conn.execute(_FILE_USE, (file.tenant,)).fetchone()
+                _check("files", count, 1, limits.files)
+                _check("stored_bytes", stored, file.size_bytes, limits.stored_bytes)
             conn.execute(
                 "INSERT INTO files (id, tenant, display_name, mime_type, size_bytes, sha256, create_time, "
                 "expire_time, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -840,6 +890,13 @@ class SQLiteStore:
             )
 
         await self._write(tx)
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        """What ``tenant`` holds (see Store), read on the aiosqlite thread:
+        both scans are bounded by the tenant's quotas, not its history."""
+        files = await self._one(_FILE_USE, (tenant,))
+        batches = await self._one(_BATCH_USE, (tenant,))
+        return TenantUsage(int(files[0]), int(files[1]), int(batches[0]), int(batches[1]))
 
     async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
         """The file, scoped to ``tenant`` unless it is None."""

@@ -54,13 +54,17 @@ class Store(Protocol):
         """A random server secret, created on first use and kept forever."""
 
     async def create_batch(
-        self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int
+        self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int, limits: UsageLimits | None = None
     ) -> tuple[Batch, bool]:
         """Store a batch and its requests atomically.
 
         Returns the batch and True, or, when ``batch.request_id`` was used by
         the same tenant within ``request_id_ttl_us``, the earlier batch and
-        False (nothing new stored).
+        False (nothing new stored). Raises ``OverQuota`` (nothing stored)
+        when the tenant's unfinished batches or pending requests would go
+        over ``limits``, checked in the same transaction as the insert; a
+        file batch, whose requests are counted as they are read, needs room
+        for one.
         """
 
     async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
@@ -90,12 +94,15 @@ class Store(Protocol):
         is unknown. Raises ``StoreConflict`` if the batch is not done.
         """
 
-    async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes]) -> None:
+    async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes],
+                              max_pending: int | None = None) -> None:
         """Add requests read from a batch's input file, in one transaction.
 
         ``flat`` holds ``(offset, key, payload)`` triples back to back; each
         request's idx is ``first_idx + offset``. Flat, because a million
-        requests must not become a million objects on their way in.
+        requests must not become a million objects on their way in. Raises
+        ``OverQuota`` (nothing added) when the tenant's pending requests
+        would go over ``max_pending``.
         """
 
     async def finish_ingest(self, batch_id: str, request_count: int) -> Batch | None:
@@ -173,8 +180,13 @@ class Store(Protocol):
         loses them ``max_requests`` at a time, last first, over several steps;
         its row goes with the last of them. Input files are left alone."""
 
-    async def add_file(self, file: StoredFile) -> None:
-        """Record a file whose bytes are already in place."""
+    async def add_file(self, file: StoredFile, limits: UsageLimits | None = None) -> None:
+        """Record a file whose bytes are already in place. Raises
+        ``OverQuota`` (nothing recorded) when the tenant's files or their
+        bytes would go over ``limits``, checked in the insert's transaction."""
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        """What ``tenant`` holds now, as the quotas count it."""
 
     async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
         """The file, or None if unknown or owned by another tenant."""
@@ -235,6 +247,43 @@ class DeliveryStatus(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+
+
+class UsageLimits(NamedTuple):
+    """The quotas a store checks inside its write transactions; None lifts one."""
+
+    stored_bytes: int | None = None
+    files: int | None = None
+    unfinished_batches: int | None = None
+    pending_requests: int | None = None
+
+
+class TenantUsage(NamedTuple):
+    """What one tenant holds, as the quotas count it."""
+
+    stored_bytes: int
+    """Bytes of its files, uploaded and generated."""
+    files: int
+    """Its files, uploaded and generated."""
+    unfinished_batches: int
+    """Its batches not done."""
+    pending_requests: int
+    """Requests of its batches not done that have no result yet (a file
+    batch's as far as its input has been read)."""
+
+
+class OverQuota(Exception):
+    """A write would take a tenant over one of its ``UsageLimits``; nothing was written."""
+
+    def __init__(self, quota: str, used: int, limit: int, adding: int) -> None:
+        super().__init__(f"{quota}: {used} used, {adding} more asked, limit {limit}")
+        self.quota = quota
+        """The ``UsageLimits`` field, e.g. ``stored_bytes``."""
+        self.used = used
+        """The use before this write."""
+        self.limit = limit
+        self.adding = adding
+        """What this write would have added."""
 
 
 @dataclass(frozen=True, slots=True)

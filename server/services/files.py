@@ -29,6 +29,7 @@ from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExha
 from ..files import FileStorage, new_id
 from ..ingest import SMALL_FILE_BYTES
 from ..paging import PageTokens, read_page_request
+from ..quotas import Quotas, Upload
 from ..store import Store, StoreConflict
 from ..validate import MAX_DISPLAY_NAME, parse_name
 
@@ -72,13 +73,14 @@ class FileService(file_pb2_grpc.FileServiceServicer):
 
     def __init__(
         self, store: Store, storage: FileStorage, limits: Limits, page_tokens: PageTokens,
-        on_large_upload: Callable[[], None] | None = None,
+        on_large_upload: Callable[[], None] | None = None, quotas: Quotas | None = None,
     ) -> None:
         self._store = store
         self._storage = storage
         self._limits = limits
         self._tokens = page_tokens
         self._on_large_upload = on_large_upload
+        self._quotas = quotas
 
     async def CreateFile(
         self, request_iterator: AsyncIterator[file_pb2.CreateFileRequest], context: Context
@@ -93,12 +95,23 @@ class FileService(file_pb2_grpc.FileServiceServicer):
                 reason="FILE_METADATA_MISSING", violations=[("file", "must be set in the first message")],
             )
         display_name, mime_type = _validate_metadata(first.file)
+        # Quotas refuse before a byte is read when nothing is left, and the
+        # upload counts (bytes in flight, a create) until it ends either way.
+        upload = await self._quotas.begin_upload(tenant) if self._quotas is not None else None
+        try:
+            return await self._create(messages, tenant, display_name, mime_type, upload)
+        finally:
+            if upload is not None:
+                upload.close()
+
+    async def _create(self, messages: AsyncIterator[file_pb2.CreateFileRequest], tenant: str, display_name: str,
+                      mime_type: str, upload: Upload | None) -> file_pb2.File:
         file_id = new_id()
         spool = _Spool(self._storage, file_id)
         try:
-            await self._receive(messages, spool)
+            await self._receive(messages, spool, upload)
         except BaseException:
-            # Client gone, over the limit or bad stream: no trace of the upload.
+            # Client gone, over a limit or bad stream: no trace of the upload.
             spool.discard()
             raise
         if self._on_large_upload is not None and spool.size > SMALL_FILE_BYTES:
@@ -113,7 +126,7 @@ class FileService(file_pb2_grpc.FileServiceServicer):
         # bytes could stay without a row; if the client left meanwhile it never
         # learns the name, so the finished file is removed again. The handler
         # waits for that, so a server shutdown waits for it too.
-        commit = asyncio.ensure_future(self._commit(spool, stored))
+        commit = asyncio.ensure_future(self._commit(spool, stored, upload))
         try:
             await asyncio.shield(commit)
         except asyncio.CancelledError:
@@ -121,7 +134,8 @@ class FileService(file_pb2_grpc.FileServiceServicer):
             raise
         return file_message(stored)
 
-    async def _receive(self, messages: AsyncIterator[file_pb2.CreateFileRequest], spool: _Spool) -> None:
+    async def _receive(self, messages: AsyncIterator[file_pb2.CreateFileRequest], spool: _Spool,
+                       upload: Upload | None) -> None:
         limit = self._limits.max_file_bytes
         number = 1
         async for msg in messages:
@@ -139,6 +153,10 @@ class FileService(file_pb2_grpc.FileServiceServicer):
                     f"file exceeds the limit of {limit} bytes ({_human(limit)}) per file",
                     reason="FILE_TOO_LARGE", metadata={"limit_bytes": str(limit)},
                 )
+            if upload is not None:
+                # Over max_stored_bytes: refused here, before this message is
+                # written; the caller drops what was.
+                await upload.receive(len(msg.data))
             await spool.write(msg.data)
         # A client that disconnects shows up here as a normal end of stream,
         # its cancellation delivered a moment later: yield once so that it
@@ -149,10 +167,12 @@ class FileService(file_pb2_grpc.FileServiceServicer):
             raise InvalidArgument("file is empty: send its bytes in `data` messages after the metadata",
                                   reason="FILE_EMPTY", violations=[("data", "no bytes were sent")])
 
-    async def _commit(self, spool: _Spool, stored: StoredFile) -> None:
+    async def _commit(self, spool: _Spool, stored: StoredFile, upload: Upload | None) -> None:
         await spool.commit()
         try:
-            await self._store.add_file(stored)
+            # With quotas, the exact check runs in the insert's transaction:
+            # over it, the bytes just renamed into place go again below.
+            await (upload.add_file(stored) if upload is not None else self._store.add_file(stored))
         except BaseException:
             await asyncio.to_thread(self._storage.delete, stored.id)
             raise
