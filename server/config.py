@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .netguard import normalize_allow_entry
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
@@ -146,6 +148,10 @@ class WebhookSettings:
     """Time one POST may take, connecting included, seconds (10 s)."""
     max_concurrency: int = 8
     """POSTs in flight at once (8)."""
+    allow: tuple[str, ...] = ()
+    """Networks (``10.1.2.0/24``), addresses and host names webhooks may reach
+    although the SSRF guard refuses them by default (loopback, private,
+    link-local, ...; see ``netguard``). Empty: public addresses only."""
 
 
 @dataclass(frozen=True)
@@ -346,11 +352,27 @@ def _webhook_settings(hooks: dict[str, Any]) -> WebhookSettings:
                 raise ConfigError(f"webhooks.{key} must be at least 1")
         elif key in ("initial_backoff", "max_backoff", "timeout"):
             kw[f"{key}_s"] = parse_duration(value, f"webhooks.{key}")
+        elif key == "allow":
+            kw[key] = _webhook_allow(value)
         else:
             raise ConfigError(f"unknown key webhooks.{key}")
     if kw.get("timeout_s", 1.0) <= 0:
         raise ConfigError("webhooks.timeout must be positive")
     return WebhookSettings(**kw)
+
+
+def _webhook_allow(value: Any) -> tuple[str, ...]:
+    """``webhooks.allow``: each entry checked and written the one way it is compared."""
+    if not isinstance(value, list):
+        raise ConfigError(f"webhooks.allow: expected a list of networks, addresses and host names, "
+                          f"got {type(value).__name__}")
+    entries: list[str] = []
+    for i, entry in enumerate(value):
+        try:
+            entries.append(normalize_allow_entry(entry))
+        except ValueError as e:
+            raise ConfigError(f"webhooks.allow[{i}]: {e}") from None
+    return tuple(entries)
 
 
 def _quota_value(table: dict[str, Any], key: str, where: str) -> int | None:

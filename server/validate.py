@@ -17,11 +17,15 @@ from longbatch.v1 import batch_pb2, content_pb2
 from .config import Limits
 from .domain import BatchKind, NewItem
 from .errors import InvalidArgument
+from .netguard import AllowList, host_problem, malformed_host
 
 MAX_VIOLATIONS = 100
 MAX_DISPLAY_NAME = 512
 MAX_REQUEST_ID = 128
 MAX_WEBHOOKS = 10
+MAX_USER_METADATA_BYTES = 16 << 10
+"""Serialized bytes of ``webhook_config.user_metadata``: it is copied into
+the stored body of every delivery, up to ``MAX_WEBHOOKS`` times."""
 _ID = re.compile(r"[a-z0-9]{1,64}")
 _MODEL = re.compile(r"models/[a-z0-9][a-z0-9._-]{0,62}")
 
@@ -83,9 +87,16 @@ def validate_model_name(model: str, v: Violations, field: str = "batch.model") -
 
 
 def validate_create(
-    batch: batch_pb2.GenerateContentBatch | batch_pb2.EmbedContentBatch, request_id: str, limits: Limits
+    batch: batch_pb2.GenerateContentBatch | batch_pb2.EmbedContentBatch, request_id: str, limits: Limits,
+    webhook_allow: AllowList | None = None,
 ) -> ValidBatch:
-    """Validate a create request; raise InvalidArgument with every violation."""
+    """Validate a create request; raise InvalidArgument with every violation.
+
+    ``webhook_allow`` is the server's ``[webhooks] allow``: with it, a webhook
+    URI whose host is a refused literal address or a ``localhost`` name is a
+    violation here. Without it that check is left to delivery time, where the
+    webhook dispatcher refuses the same URIs (see ``netguard``).
+    """
     v = Violations()
     kind = BatchKind.GENERATE if isinstance(batch, batch_pb2.GenerateContentBatch) else BatchKind.EMBED
     validate_model_name(batch.model, v)
@@ -93,7 +104,7 @@ def validate_create(
         v.add("batch.display_name", f"is {len(batch.display_name)} characters; the limit is {MAX_DISPLAY_NAME}")
     if len(request_id) > MAX_REQUEST_ID:
         v.add("request_id", f"is {len(request_id)} characters; the limit is {MAX_REQUEST_ID}")
-    _validate_webhooks(batch.webhook_config, v)
+    _validate_webhooks(batch.webhook_config, v, webhook_allow)
     webhook = batch.webhook_config.SerializeToString() if batch.HasField("webhook_config") else None
 
     items: list[NewItem] = []
@@ -111,13 +122,30 @@ def validate_create(
     return ValidBatch(kind, batch.model, batch.display_name, batch.priority, file_name, items, webhook)
 
 
-def _validate_webhooks(config: batch_pb2.WebhookConfig, v: Violations) -> None:
+def _validate_webhooks(config: batch_pb2.WebhookConfig, v: Violations, allow: AllowList | None) -> None:
     if len(config.uris) > MAX_WEBHOOKS:
         v.add("batch.webhook_config.uris", f"has {len(config.uris)} entries; the limit is {MAX_WEBHOOKS}")
     for i, uri in enumerate(config.uris[:MAX_WEBHOOKS]):
-        parts = urlsplit(uri) if len(uri) <= 2048 else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            v.add(f"batch.webhook_config.uris[{i}]", f"must be an http(s) URL, got {_show(uri)}")
+        field = f"batch.webhook_config.uris[{i}]"
+        try:
+            parts = urlsplit(uri) if len(uri) <= 2048 else None
+            host = parts.hostname if parts is not None else None
+            if parts is not None:
+                parts.port  # noqa: B018 -- raises ValueError on a port out of range or not a number
+        except ValueError:  # a bad [IPv6] literal or port
+            parts = host = None
+        if parts is None or parts.scheme not in ("http", "https") or not host or malformed_host(host):
+            v.add(field, f"must be an http(s) URL with a host name or an IP address, got {_show(uri)}")
+            continue
+        problem = host_problem(host, allow) if allow is not None else None
+        if problem is not None:
+            v.add(field, f"{problem}: webhooks may not reach loopback, private, link-local, multicast or reserved "
+                         "addresses unless the server's [webhooks] allow lists them")
+    if config.HasField("user_metadata"):
+        size = config.user_metadata.ByteSize()
+        if size > MAX_USER_METADATA_BYTES:
+            v.add("batch.webhook_config.user_metadata",
+                  f"is {size} bytes serialized; the limit is {MAX_USER_METADATA_BYTES}")
 
 
 def _validate_inlined(
