@@ -1,8 +1,10 @@
 """Retention: done batches and their generated files are purged after a while.
 
 A batch done for longer than ``retention`` (counted from its end time) is
-deleted with its requests and its generated responses file, row and bytes, as
-if a client had deleted it: it is NOT_FOUND afterwards. Input files are not
+deleted with its requests, its webhook deliveries and its generated responses
+file, row and bytes, as if a client had deleted it: it is NOT_FOUND
+afterwards. On start, deliveries whose batch is already gone (versions before
+this one kept them after a delete) are deleted too. Input files are not
 touched here; uploads follow ``file_ttl`` (``services.files.FileExpiry``).
 
 The purge runs in small transactions (``max_batches`` batches and at most
@@ -70,6 +72,11 @@ class RetentionPurge:
             await task
 
     async def _run(self) -> None:
+        try:
+            await self.delete_orphan_deliveries()
+        except Exception:
+            # Harmless to leave: they are retried on the next start.
+            log.exception("deleting webhook deliveries of deleted batches failed")
         while True:
             try:
                 await asyncio.wait_for(self._stopping.wait(), self.interval_s)
@@ -102,6 +109,19 @@ class RetentionPurge:
         if purged:
             log.info("purged %d batch(es) done more than %.6g s ago", purged, self._retention_us / 1_000_000)
         return purged
+
+    async def delete_orphan_deliveries(self) -> int:
+        """Delete webhook deliveries whose batch is gone, in bounded steps; return how many went."""
+        deleted = 0
+        while not self._stopping.is_set():
+            step = await self._store.delete_orphan_webhook_deliveries(self._max_batches)
+            deleted += step
+            if step < self._max_batches:
+                break
+            await asyncio.sleep(0)  # let other writers in between steps
+        if deleted:
+            log.info("deleted %d webhook deliveries of batches deleted before", deleted)
+        return deleted
 
     def _delete_files(self, file_ids: list[str]) -> None:
         for file_id in file_ids:

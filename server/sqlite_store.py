@@ -362,6 +362,10 @@ def _check(quota: str, used: int, adding: int, limit: int | None) -> None:
         raise OverQuota(quota, used, limit, adding)
 
 
+# By batch id, on the (batch_id, uri) unique index.
+_DELETE_DELIVERIES = "DELETE FROM webhook_deliveries WHERE batch_id = ?"
+
+
 class SQLiteStore:
     """The Store over one SQLite database file in WAL mode."""
 
@@ -619,6 +623,7 @@ class SQLiteStore:
             conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,))
             conn.execute("DELETE FROM results WHERE batch_seq = ?", (seq,))
             conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+            conn.execute(_DELETE_DELIVERIES, (batch_id,))
             if output_file:
                 conn.execute("DELETE FROM files WHERE id = ?", (output_file,))
             return [output_file] if output_file else []
@@ -859,6 +864,7 @@ class SQLiteStore:
                 budget -= conn.execute("DELETE FROM requests WHERE batch_seq = ?", (seq,)).rowcount
                 conn.execute("DELETE FROM results WHERE batch_seq = ?", (seq,))
                 conn.execute("DELETE FROM batches WHERE seq = ?", (seq,))
+                conn.execute(_DELETE_DELIVERIES, (batch_id,))
                 if output_file:
                     # Only generated files are outputs; inputs follow file_ttl.
                     gone = conn.execute("DELETE FROM files WHERE id = ? AND source = 'generated'", (output_file,))
@@ -937,6 +943,10 @@ class SQLiteStore:
         return [_file(r) for r in rows]
 
     # -- webhook deliveries -------------------------------------------------
+    # A batch's deliveries go with it (delete_batch, purge_done_batches),
+    # pending ones too: their bodies hold its user_metadata, up to
+    # MAX_WEBHOOKS copies, and a notification about a deleted batch has
+    # nothing left to point at. (Schema v3's comment predates this.)
 
     async def add_webhook_deliveries(self, deliveries: Sequence[WebhookDelivery]) -> int:
         """Insert PENDING deliveries, ignoring (batch, uri) pairs already stored."""
@@ -948,12 +958,37 @@ class SQLiteStore:
 
         def tx(conn: sqlite3.Connection) -> int:
             before = conn.total_changes
+            # Only while the batch exists: enqueueing runs in the background
+            # after the batch is done, so a delete or purge may come first,
+            # and rows stored after it would never be deleted.
             conn.executemany(
                 "INSERT OR IGNORE INTO webhook_deliveries (id, batch_id, uri, body, status, attempts, "
-                "next_attempt_time, create_time, update_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
+                "next_attempt_time, create_time, update_time) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM batches WHERE id = ?)",
+                [(*row, row[1]) for row in rows],
             )
             return conn.total_changes - before
+
+        return await self._write(tx)
+
+    async def delete_orphan_webhook_deliveries(self, limit: int) -> int:
+        """Delete up to ``limit`` deliveries whose batch is gone (see Store)."""
+        # Found on the reader, so the writer is held only when there is
+        # something to delete (usually never: see add_webhook_deliveries).
+        ids = [r[0] for r in await self._all(
+            "SELECT d.id FROM webhook_deliveries d WHERE NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = d.batch_id) "
+            "LIMIT ?", (limit,))]
+        if not ids:
+            return 0
+
+        def tx(conn: sqlite3.Connection) -> int:
+            # Checked again here: a batch cannot come back, but the rows may
+            # have gone since the read.
+            return conn.executemany(
+                "DELETE FROM webhook_deliveries WHERE id = ? "
+                "AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = webhook_deliveries.batch_id)",
+                [(i,) for i in ids],
+            ).rowcount
 
         return await self._write(tx)
 

@@ -207,7 +207,15 @@ class Store(Protocol):
 
     async def add_webhook_deliveries(self, deliveries: Sequence[WebhookDelivery]) -> int:
         """Store new PENDING deliveries; one already stored for the same
-        (batch, uri) is kept as it is. Returns how many were added."""
+        (batch, uri) is kept as it is, and none is stored for a batch that
+        is gone. Returns how many were added.
+
+        A batch's deliveries, pending or not, are deleted with it by
+        ``delete_batch`` and ``purge_done_batches``."""
+
+    async def delete_orphan_webhook_deliveries(self, limit: int) -> int:
+        """Delete up to ``limit`` deliveries whose batch no longer exists
+        (left by versions that kept them); returns how many went."""
 
     async def batches_missing_webhooks(self) -> list[Batch]:
         """Done batches with a webhook config but no delivery stored (the

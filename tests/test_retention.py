@@ -13,17 +13,27 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import MakeServer
 from google.longrunning import operations_pb2
+from netsafety import FakeDNS, LeakGuard, guard_loopback, install_fake_dns
 
-from longbatch.server.config import DEFAULT_MODELS, ConfigError, Limits, ModelConfig, ServerConfig, config_from_dict
+from longbatch.server.config import (
+    DEFAULT_MODELS,
+    ConfigError,
+    Limits,
+    ModelConfig,
+    ServerConfig,
+    WebhookSettings,
+    config_from_dict,
+)
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, State, StoredFile, now_us
 from longbatch.server.sqlite_store import SQLiteStore
+from longbatch.server.store import WebhookDelivery
 from longbatch.v1 import batch_pb2, file_pb2, file_pb2_grpc
 
 from support import ServerProcess, Stubs, details, generate_batch, metadata_of, wait_done
@@ -427,4 +437,120 @@ async def test_purge_steps_are_bounded(tmp_path: Path) -> None:
         assert "batches_done_by_end" in plan, plan
     finally:
         db.close()
+        await store.close()
+
+
+# -- webhook deliveries go with their batch ------------------------------------------
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakGuard]:
+    yield from guard_loopback(monkeypatch)
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
+    return install_fake_dns(monkeypatch)
+
+
+def _delivery_count(data_dir: Path, batch_id: str | None = None) -> int:
+    db = sqlite3.connect(data_dir / "longbatch.db")
+    try:
+        if batch_id is None:
+            return int(db.execute("SELECT COUNT(*) FROM webhook_deliveries").fetchone()[0])
+        return int(db.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE batch_id = ?", (batch_id,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.usefixtures("loopback_only", "fake_dns")
+async def test_retention_purges_webhook_deliveries(make_server: MakeServer) -> None:
+    # The receivers' names are unknown to the test DNS: the deliveries stay
+    # pending (retried every 5 s), nothing is sent.
+    srv = await make_server(ServerConfig(limits=Limits(retention_s=2.0),
+                                         webhooks=WebhookSettings(initial_backoff_s=5.0, max_backoff_s=5.0)))
+    stubs = Stubs.connect(srv.target)
+    try:
+        config = batch_pb2.WebhookConfig(uris=[f"http://receiver-{i}.test/hook" for i in range(3)])
+        op = await wait_done(stubs, (await stubs.batches.BatchGenerateContent(
+            generate_batch(2, webhook_config=config))).name)
+        batch_id = op.name.removeprefix("batches/")
+
+        async def stored() -> bool:
+            return _delivery_count(srv.data_dir, batch_id) == 3
+
+        await eventually(stored, within=5)
+
+        async def purged() -> bool:
+            try:
+                await get(stubs, op.name)
+                return False
+            except grpc.aio.AioRpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+                return True
+
+        await eventually(purged, within=10)
+        # In the purge's own transaction.
+        assert _delivery_count(srv.data_dir) == 0
+    finally:
+        await stubs.channel.close()
+
+
+async def test_deliveries_of_batches_deleted_before_are_deleted_on_start(make_server: MakeServer,
+                                                                          tmp_path: Path) -> None:
+    """Versions before this one kept a deleted batch's deliveries: the next
+    start deletes them, and only them."""
+    data = tmp_path / "data"
+    first = await make_server(data_dir=data)
+    stubs = Stubs.connect(first.target)
+    try:
+        op = await wait_done(stubs, (await stubs.batches.BatchGenerateContent(generate_batch(1))).name)
+    finally:
+        await stubs.channel.close()
+    await first.running.stop(grace_s=1.0)
+    live = op.name.removeprefix("batches/")
+    db = sqlite3.connect(data / "longbatch.db")
+    try:
+        with db:
+            db.executemany(
+                "INSERT INTO webhook_deliveries (id, batch_id, uri, body, status, attempts, next_attempt_time, "
+                "create_time, update_time) VALUES (?, ?, ?, ?, 'delivered', 1, 0, 0, 0)",
+                [(f"orphan{i}", f"gone{i % 3}", f"http://x.test/{i}", b"x" * 1000) for i in range(1200)]
+                + [("mine", live, "http://x.test/live", b"{}")])
+    finally:
+        db.close()
+    await make_server(data_dir=data)  # default retention (30 d): this is not the periodic purge
+
+    async def orphans_gone() -> bool:
+        return _delivery_count(data) == 1
+
+    await eventually(orphans_gone, within=10)
+    assert _delivery_count(data, live) == 1
+
+
+async def test_store_deletes_deliveries_with_their_batch(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "longbatch.db")
+    await store.open()
+
+    def deliveries(batch_id: str) -> list[WebhookDelivery]:
+        return [WebhookDelivery(id=f"{batch_id}-{i}", batch_id=batch_id, uri=f"http://x.test/{i}", body=b"{}",
+                                attempts=0, next_attempt_us=0) for i in range(2)]
+
+    try:
+        for batch_id in ("deleted", "purged", "young"):
+            await _done_batch(store, batch_id, 2)
+            assert await store.add_webhook_deliveries(deliveries(batch_id)) == 2
+        assert await store.delete_batch("t", "deleted") == []
+        assert _delivery_count(tmp_path, "deleted") == 0 and _delivery_count(tmp_path) == 4
+        young = await store.get_batch(None, "young")
+        assert young is not None and young.end_time_us is not None
+        step = await store.purge_done_batches(young.end_time_us, max_batches=10, max_requests=100)
+        assert step.batch_ids == ["purged"]
+        assert _delivery_count(tmp_path, "purged") == 0 and _delivery_count(tmp_path, "young") == 2
+        # An enqueue that comes after the delete (it runs in the background
+        # once the batch is done) stores nothing.
+        assert await store.add_webhook_deliveries(deliveries("deleted")) == 0
+        assert _delivery_count(tmp_path, "deleted") == 0
+        assert await store.delete_orphan_webhook_deliveries(100) == 0
+    finally:
         await store.close()
