@@ -11,6 +11,12 @@ bounded concurrency over one shared aiohttp session:
   or ``retry-after-ms`` on 429/503: :class:`~.retry.Backoff`, the executor's
   policy), until ``max_attempts``, after which the delivery is FAILED;
 - every attempt is logged (batch, URI without query, attempt, outcome);
+- the SSRF guard (``netguard``) refuses loopback, private, link-local and
+  other non-public addresses unless ``[webhooks] allow`` lists them: a URI
+  whose host is such a literal address (or a ``localhost`` name) fails at once
+  without a connection; a name is checked on the address it resolves to, the
+  one connected to, and a refused answer is a failed attempt, retried like a
+  connection error (DNS may change) but never sent;
 - nothing here can block or fail a batch: the batch is done before it is
   enqueued, and errors stay inside this module.
 
@@ -47,6 +53,7 @@ from longbatch.v1 import batch_pb2
 from .config import WebhookSettings
 from .convert import batch_message, timestamp
 from .domain import Batch, now_us
+from .netguard import ALLOW_HINT, AllowList, ForbiddenAddress, Guard, host_problem, malformed_host
 from .retry import Backoff, retry_after_from_headers
 from .store import DeliveryStatus, Store, WebhookDelivery
 
@@ -125,6 +132,7 @@ class WebhookDispatcher:
         self._backoff = Backoff(initial_s=settings.initial_backoff_s, max_s=settings.max_backoff_s, jitter=0.2,
                                 max_hint_s=settings.max_backoff_s)
         self._secret = secret
+        self._guard = Guard(AllowList.parse(settings.allow))
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         # Ids sent by this process whose rows a due-query may still show as
@@ -143,7 +151,14 @@ class WebhookDispatcher:
         for batch in await self._store.batches_missing_webhooks():
             await self._enqueue_logged(batch)  # one bad batch must not keep the server from starting
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self._settings.max_concurrency),
+            connector=aiohttp.TCPConnector(
+                limit=self._settings.max_concurrency,
+                resolver=self._guard.resolver(),
+                # Every attempt resolves afresh and is checked on what it gets;
+                # a cached answer would also outlive a DNS change for no gain.
+                use_dns_cache=False,
+                socket_factory=self._guard.socket_factory,
+            ),
             timeout=aiohttp.ClientTimeout(total=self._settings.timeout_s),
             headers={"User-Agent": _USER_AGENT},
             trust_env=False,  # library code never reads the environment (no proxy variables)
@@ -253,6 +268,13 @@ class WebhookDispatcher:
         """One attempt, then its outcome stored."""
         attempt = delivery.attempts + 1
         where = loggable_uri(delivery.uri)
+        refused = self._refused(delivery.uri)
+        if refused is not None:
+            # The host alone decides it: every later attempt would fail the same way.
+            log.warning("webhook batches/%s -> %s: attempt %d refused (%s); giving up", delivery.batch_id, where,
+                        attempt, refused)
+            await self._record(delivery.id, attempt, DeliveryStatus.FAILED, now_us(), refused)
+            return
         error, retry_after = await self._post(delivery)
         settings = self._settings
         if error is None:
@@ -268,6 +290,24 @@ class WebhookDispatcher:
         log.warning("webhook batches/%s -> %s: attempt %d failed (%s); retrying in %.3gs", delivery.batch_id,
                     where, attempt, error, delay)
         await self._record(delivery.id, attempt, DeliveryStatus.PENDING, now_us() + int(delay * 1e6), error)
+
+    def _refused(self, uri: str) -> str | None:
+        """Why the URI's host is refused before any lookup, or None.
+
+        Checked on every attempt, not only at create: a delivery stored
+        under an earlier config (or before this guard existed) may point at
+        a host the allow-list no longer covers.
+        """
+        try:
+            host = urlsplit(uri).hostname
+        except ValueError:
+            return None  # aiohttp refuses it as an invalid URL
+        if not host:
+            return None
+        if malformed_host(host):
+            return f"the URI's host {host!r} is neither an IP address nor a host name"
+        problem = host_problem(host, self._guard.allow)
+        return None if problem is None else f"the URI {problem}; {ALLOW_HINT}"
 
     async def _post(self, delivery: WebhookDelivery) -> tuple[str | None, float | None]:
         """POST the body: (None, None) on 2xx, else (error text, Retry-After seconds)."""
@@ -292,6 +332,10 @@ class WebhookDispatcher:
             return f"no answer within {self._settings.timeout_s:g}s", None
         except aiohttp.InvalidURL:
             return "invalid URL", None
+        except aiohttp.ClientConnectorError as e:
+            if isinstance(e.os_error, ForbiddenAddress):
+                return str(e.os_error)[:_MAX_ERROR_CHARS], None  # the guard's reason, without aiohttp's wrapping
+            return f"{type(e).__name__}: {e}"[:_MAX_ERROR_CHARS], None
         except aiohttp.ClientResponseError as e:  # its text holds the full URL: leave that out
             return f"{type(e).__name__}: {e.status} {e.message}"[:_MAX_ERROR_CHARS], None
         except aiohttp.ClientError as e:

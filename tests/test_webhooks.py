@@ -1,7 +1,10 @@
 """Webhooks (API.md section 8): a signed POST on every terminal state, retried
 with backoff, never blocking the batch, surviving a restart.
 
-Receivers are real aiohttp servers on 127.0.0.1:0; every wait is bounded.
+Receivers are real aiohttp servers on 127.0.0.1:0, reached through
+``[webhooks] allow = ["127.0.0.1"]`` (the SSRF guard refuses loopback by
+default; tests/test_ssrf.py tests the guard); every wait is bounded. Nothing
+may connect beyond loopback or look a name up (``netsafety``).
 """
 
 from __future__ import annotations
@@ -13,25 +16,39 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 from aiohttp import web
 from conftest import MakeServer
 from google.longrunning import operations_pb2
 from google.protobuf import struct_pb2
+from netsafety import FakeDNS, LeakGuard, guard_loopback, install_fake_dns
 
 from longbatch.server.config import ConfigError, ServerConfig, WebhookSettings, config_from_dict
 from longbatch.server.retry import parse_retry_after
+from longbatch.server.validate import MAX_USER_METADATA_BYTES, MAX_WEBHOOKS
 from longbatch.server.webhooks import loggable_uri
 from longbatch.v1 import batch_pb2
 
-from support import ServerProcess, Stubs, generate_batch, metadata_of, wait_done
+from support import ServerProcess, Stubs, details, generate_batch, metadata_of, wait_done
 
 SECRET = "s3cret-webhook-key"
 SUCCEEDED = batch_pb2.BatchState.BATCH_STATE_SUCCEEDED
+pytestmark = pytest.mark.usefixtures("loopback_only", "fake_dns")
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakGuard]:
+    yield from guard_loopback(monkeypatch)
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
+    return install_fake_dns(monkeypatch)
 
 
 @dataclass
@@ -109,8 +126,8 @@ class Receiver:
                 await self._changed.wait()
 
 
-@pytest.fixture
-async def receivers() -> AsyncIterator[Callable[[Plan], Awaitable[Receiver]]]:
+async def receiver_pool() -> AsyncIterator[Callable[[Plan], Awaitable[Receiver]]]:
+    """Yields a function that starts receivers; all stop afterwards."""
     started: list[Receiver] = []
 
     async def make(plan: Plan) -> Receiver:
@@ -122,6 +139,12 @@ async def receivers() -> AsyncIterator[Callable[[Plan], Awaitable[Receiver]]]:
     yield make
     for r in started:
         await r.stop()
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[[Plan], Awaitable[Receiver]]]:
+    async for make in receiver_pool():
+        yield make
 
 
 def fail_first(n: int, status: int = 500) -> Plan:
@@ -164,8 +187,9 @@ async def wait_rows(data_dir: Path, check: Callable[[list[tuple[str, str, int, s
 
 
 def fast(**kw: object) -> WebhookSettings:
+    """Quick retries, and the receivers' 127.0.0.1 allowed (``allow=()`` for none)."""
     settings: dict[str, object] = {"initial_backoff_s": 0.05, "max_backoff_s": 2.0, "timeout_s": 2.0,
-                                   "max_attempts": 10}
+                                   "max_attempts": 10, "allow": ("127.0.0.1",)}
     settings.update(kw)
     return WebhookSettings(**settings)  # type: ignore[arg-type]
 
@@ -230,7 +254,7 @@ async def test_signed_notification_is_retried_until_accepted(
 async def test_receiver_that_always_fails_gives_up_and_batch_is_unaffected(
     make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
 ) -> None:
-    rx = await receivers(lambda _path, _n: Reply(500))
+    rx = await receivers(lambda path, _n: Reply(200 if path == "/later" else 500))
     server = await make_server(ServerConfig(webhooks=fast(max_attempts=3)))  # no secret: unsigned
     stubs = Stubs.connect(server.target)
     try:
@@ -239,8 +263,13 @@ async def test_receiver_that_always_fails_gives_up_and_batch_is_unaffected(
         assert metadata_of(op).state == SUCCEEDED
         rows = await wait_rows(server.data_dir, lambda rows: bool(rows) and rows[0][1] == "failed")
         assert rows == [(f"{rx.base}/hook", "failed", 3, "HTTP 500")]
-        await asyncio.sleep(0.5)  # nothing after the last attempt
-        assert len(rx.hits) == 3
+        # Nothing after the last attempt: a later batch's delivery is read by
+        # a due-query made after /hook failed, and is sent alone.
+        later = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/later"]))
+        await wait_done(stubs, later.name, within=15)
+        await rx.wait_for(lambda: len(rx.on("/later")) == 1)
+        await wait_rows(server.data_dir, lambda rows: [r[1] for r in rows] == ["failed", "delivered"])  # by uri
+        assert len(rx.on("/hook")) == 3
         assert "X-Longbatch-Signature" not in rx.hits[0].headers
         got = await stubs.ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name))
         assert got.done and metadata_of(got).state == SUCCEEDED and got.HasField("response")
@@ -327,7 +356,7 @@ async def test_pending_delivery_survives_sigkill(
     rx = await receivers(lambda _path, _n: Reply(200 if accept else 500))
     config = tmp_path / "longbatch.toml"
     config.write_text(f'[webhooks]\nsecret = "{SECRET}"\nmax_attempts = 1000\ninitial_backoff = "100ms"\n'
-                      'max_backoff = "200ms"\ntimeout = "2s"\n')
+                      'max_backoff = "200ms"\ntimeout = "2s"\nallow = ["127.0.0.1"]\n')
     data = tmp_path / "data"
     proc = ServerProcess(data, config)
     try:
@@ -358,13 +387,16 @@ async def test_pending_delivery_survives_sigkill(
 
 def test_config_webhooks_section() -> None:
     config = config_from_dict({"webhooks": {"secret": "hush-hush-42", "max_attempts": 5, "initial_backoff": "100ms",
-                                            "max_backoff": "1m", "timeout": "2s", "max_concurrency": 2}})
+                                            "max_backoff": "1m", "timeout": "2s", "max_concurrency": 2,
+                                            "allow": ["10.1.2.0/24", "hooks.internal", "127.0.0.1"]}})
     assert config.webhook_secret == "hush-hush-42"
     assert config.webhooks == WebhookSettings(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=60.0,
-                                              timeout_s=2.0, max_concurrency=2)
+                                              timeout_s=2.0, max_concurrency=2,
+                                              allow=("10.1.2.0/24", "hooks.internal", "127.0.0.1"))
     assert "hush-hush-42" not in repr(config)  # the signing key never reaches a log
     assert config_from_dict({}).webhooks == WebhookSettings()
-    for bad in ({"max_attempts": 0}, {"timeout": "0s"}, {"retries": 3}, {"max_attempts": "3"}):
+    for bad in ({"max_attempts": 0}, {"timeout": "0s"}, {"retries": 3}, {"max_attempts": "3"},
+                {"allow": ["10.0.0.1/8"]}, {"allow": "127.0.0.1"}):
         with pytest.raises(ConfigError):
             config_from_dict({"webhooks": bad})
 
@@ -375,3 +407,68 @@ def test_helpers() -> None:
     assert parse_retry_after("120") == 120.0
     assert parse_retry_after("soon") is None and parse_retry_after(None) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def _metadata_of_size(size: int) -> dict[str, object]:
+    """user_metadata whose serialized Struct is ``size`` bytes or a few less."""
+    n = size
+    while True:
+        meta = struct_pb2.Struct()
+        meta.update({"blob": "x" * n})
+        if meta.ByteSize() <= size:
+            return {"blob": "x" * n}
+        n -= 1
+
+
+async def test_user_metadata_is_capped(make_server: MakeServer) -> None:
+    server = await make_server(ServerConfig(webhooks=fast()))
+    stubs = Stubs.connect(server.target)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await stubs.batches.BatchGenerateContent(webhook_batch(["https://hooks.example.com/done"],
+                                                                   _metadata_of_size(MAX_USER_METADATA_BYTES + 100)))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        got = details(e.value)
+        assert [f for f, _ in got.violations] == ["batch.webhook_config.user_metadata"]
+        assert f"the limit is {MAX_USER_METADATA_BYTES}" in got.violations[0][1]
+        assert delivery_rows(server.data_dir) == []
+    finally:
+        await stubs.channel.close()
+
+
+async def test_deleting_a_batch_deletes_its_deliveries(make_server: MakeServer, fake_dns: FakeDNS) -> None:
+    """Ten URIs with the largest user_metadata: every stored body goes with
+    the batch, pending or not; another batch's deliveries stay."""
+    # Names the test DNS does not know: each attempt fails, nothing is sent,
+    # and the deliveries stay pending, retried every 5 s or so.
+    server = await make_server(ServerConfig(webhooks=fast(initial_backoff_s=5.0, max_backoff_s=5.0)))
+    stubs = Stubs.connect(server.target)
+    db = sqlite3.connect(server.data_dir / "longbatch.db")
+
+    def stored(batch_id: str) -> tuple[int, int]:
+        count, size = db.execute("SELECT COUNT(*), COALESCE(SUM(LENGTH(body)), 0) FROM webhook_deliveries "
+                                 "WHERE batch_id = ?", (batch_id,)).fetchone()
+        return int(count), int(size)
+
+    try:
+        meta = _metadata_of_size(MAX_USER_METADATA_BYTES)
+        uris = [f"http://receiver-{i}.test/hook" for i in range(MAX_WEBHOOKS)]
+        doomed = await stubs.batches.BatchGenerateContent(webhook_batch(uris, meta))
+        kept = await stubs.batches.BatchGenerateContent(webhook_batch(["http://other.test/hook"]))
+        doomed_id, kept_id = doomed.name.removeprefix("batches/"), kept.name.removeprefix("batches/")
+        for op in (doomed, kept):
+            await wait_done(stubs, op.name, within=15)
+        rows = await wait_rows(server.data_dir, lambda rows: len(rows) == MAX_WEBHOOKS + 1
+                               and all(r[2] >= 1 for r in rows))
+        assert {r[1] for r in rows} == {"pending"}
+        count, size = stored(doomed_id)
+        assert count == MAX_WEBHOOKS and size > MAX_WEBHOOKS * (MAX_USER_METADATA_BYTES - 100)
+
+        await stubs.ops.DeleteOperation(operations_pb2.DeleteOperationRequest(name=doomed.name))
+        # In the delete's own transaction: gone as soon as it answers.
+        assert stored(doomed_id) == (0, 0)
+        assert stored(kept_id)[0] == 1
+        assert set(fake_dns.asked) == {*(u.removeprefix("http://").removesuffix("/hook") for u in uris), "other.test"}
+    finally:
+        db.close()
+        await stubs.channel.close()
