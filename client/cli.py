@@ -370,6 +370,22 @@ async def cmd_models(client: Client, args: argparse.Namespace, out: TextIO, err:
     return 0
 
 
+async def cmd_usage(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    usage = await client.get_usage()
+    if args.json:
+        out.write(display.to_json(usage) + "\n")
+        return 0
+    rows = []
+    for q in usage.quotas:
+        limit = "unlimited" if q.unlimited else f"{q.limit:,}"
+        if q.HasField("window"):
+            limit += f" per {q.window.ToTimedelta().total_seconds():g}s"
+        rows.append([q.name, f"{q.used:,}", limit, q.description])
+    out.write(f"tenant: {usage.tenant}\n")
+    out.write(display.format_table(("QUOTA", "USED", "LIMIT", "WHAT"), rows) + "\n")
+    return 0
+
+
 async def cmd_files_upload(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     _print_file(await _upload(client, args.path, err, args.display_name, args.mime_type), args, out)
     return 0
@@ -540,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--start", type=_non_negative_int, default=0, metavar="N", help="first input index")
 
     command("models", cmd_models, "list the models the server serves")
+    command("usage", cmd_usage, "show your quotas and what you use of them")
 
     files = commands.add_parser(
         "files",

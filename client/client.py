@@ -24,6 +24,8 @@ from longbatch.v1 import (
     file_pb2_grpc,
     model_pb2,
     model_pb2_grpc,
+    quota_pb2,
+    quota_pb2_grpc,
 )
 
 _Req = TypeVar("_Req")
@@ -328,6 +330,13 @@ class Client:
     async def get_model(self, name: str) -> model_pb2.Model:
         """Gets one model, ``models/{model}`` (or the bare model id)."""
         return await self._unary(self._models.GetModel, model_pb2.GetModelRequest(name=_model_name(name)))
+
+    # Quotas.
+
+    async def get_usage(self) -> quota_pb2.GetUsageResponse:
+        """Gets the caller's quotas, each with its current use (``QuotaService.GetUsage``)."""
+        stub = quota_pb2_grpc.QuotaServiceStub(self._channel)
+        return await self._unary(stub.GetUsage, quota_pb2.GetUsageRequest())
 
     # Files.
 

@@ -23,6 +23,7 @@ from conftest import MakeServer, ServerHandle
 from google.longrunning import operations_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from longbatch.client.cli import main as cli_main
 from longbatch.server import quotas as quotas_module
 from longbatch.server.config import (
     DEFAULT_MODELS,
@@ -471,6 +472,25 @@ async def test_a_tenant_override_applies_to_that_tenant_only(connect: object) ->
     assert_names(await refused(upload(c, b"b\n", BOB)), "bob", "max_files", 2, 2)
     bob = await usage(c, BOB)
     assert bob["max_creates"].unlimited and bob["max_stored_bytes"].limit == 10 << 30
+
+
+async def test_cli_usage_prints_each_quota(connect: object, capsys: pytest.CaptureFixture[str]) -> None:
+    c: Client = await connect(config(max_files=5, max_creates=10))  # type: ignore[operator]
+    await upload(c, b"x\n")
+    argv = ["--target", c.handle.target, "--api-key", "k-alice", "usage"]
+    assert await asyncio.to_thread(cli_main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "tenant: alice" and lines[1].split() == ["QUOTA", "USED", "LIMIT", "WHAT"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(rows) == ["max_stored_bytes", "max_files", "max_unfinished_batches", "max_pending_requests",
+                          "max_creates"]
+    assert rows["max_stored_bytes"][1:3] == ["2", "unlimited"]
+    assert rows["max_files"][1:3] == ["1", "5"]
+    assert rows["max_creates"][1:5] == ["1", "10", "per", "60s"]
+    assert await asyncio.to_thread(cli_main, ["--json", *argv]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tenant"] == "alice" and printed["quotas"][1] == {
+        "name": "max_files", "description": "stored files, uploaded and generated", "used": "1", "limit": "5"}
 
 
 # -- config ----------------------------------------------------------------------
