@@ -1,9 +1,12 @@
 """The background executor: runs batch requests against model backends.
 
-Per model, long-lived workers pull requests from a scheduler that serves the
-highest-priority batch first, FIFO among equals, with at most
-``max_concurrency`` requests in flight (one per worker, or a chunk per worker
-for backends that answer in bulk). Each worker waits for its results to be
+Per model, long-lived workers pull requests from a scheduler
+(``scheduler.FairScheduler``) that shares the model between tenants by
+deficit round robin, in proportion to their configured weights and counted
+in requests dispatched, and serves each tenant's own batches highest
+priority first, FIFO among equals; at most ``max_concurrency`` requests are
+in flight (one per worker, or a chunk per worker for backends that answer
+in bulk). Each worker waits for its results to be
 committed before it takes more: a bulk chunk is committed as it is, single
 results go to one writer that commits all that queued meanwhile (group
 commit); a request counts only once it is persisted. Batches
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -53,6 +57,7 @@ from .ingest import IngestFailed
 from .notifier import Notifier
 from .outputs import Outputs
 from .retry import Backoff
+from .scheduler import FairScheduler
 from .store import Answerer, RangeRunner, Store
 from .workers import WorkerPool
 
@@ -116,6 +121,7 @@ class _Run:
     seq: int
     kind: BatchKind
     priority: int
+    tenant: str
     buffer: deque[PendingItem] = field(default_factory=deque)
     cursor: int = 0
     exhausted: bool = False
@@ -130,11 +136,15 @@ class _Run:
 
 
 class _ModelQueue:
-    """The runs of one model, in priority order, and a wake-up for workers."""
+    """The runs of one model, shared fairly between tenants, and a wake-up for workers."""
 
-    def __init__(self, max_concurrency: int) -> None:
-        self.runs: list[_Run] = []
+    def __init__(self, max_concurrency: int, chunk: int, weights: Mapping[str, int]) -> None:
+        self.chunk = chunk
+        # A tenant's turn is its weight in chunks: one dispatch takes a chunk.
+        self.runs: FairScheduler[_Run] = FairScheduler(chunk, weights)
         self.wakeup = asyncio.Event()
+        self.take: Callable[[_Run], list[PendingItem] | range | None] = lambda run: None
+        """What a run hands out now (``Executor._take``, bound once: _next runs per dispatch)."""
         # Requests read from the store at a time; the next read starts once
         # fewer than this are buffered. At 8x the concurrency the workers of a
         # 1M echo batch spent ~3% of their time waiting for a read, at 2x
@@ -143,11 +153,11 @@ class _ModelQueue:
         self.refill = max(_REFILL, 8 * max_concurrency)
 
     def add(self, run: _Run) -> None:
-        self.runs.append(run)
-        self.reorder()
+        self.runs.add(run)
+        self.wakeup.set()
 
-    def reorder(self) -> None:
-        self.runs.sort(key=lambda r: (-r.priority, r.seq))
+    def reorder(self, run: _Run) -> None:
+        self.runs.reorder(run)
         self.wakeup.set()
 
 
@@ -164,7 +174,13 @@ class Executor:
         batch_ttl_s: float,
         read_input: Callable[[Batch], Awaitable[int]] | None = None,
         workers: WorkerPool | None = None,
+        tenant_weights: Mapping[str, int] | None = None,
     ) -> None:
+        """Build an executor; ``start`` resumes batches and starts the workers.
+
+        ``tenant_weights`` (tenant -> weight, default 1 each) sets each
+        tenant's share of every model while several have work.
+        """
         self._store = store
         self._pool = workers
         self._read_input = read_input
@@ -173,7 +189,10 @@ class Executor:
         self._outputs = outputs
         self._notifier = notifier
         self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
-        self._queues = {name: _ModelQueue(m.max_concurrency) for name, m in models.items()}
+        self._queues = {name: _ModelQueue(m.max_concurrency, m.chunk, tenant_weights or {})
+                        for name, m in models.items()}
+        for queue in self._queues.values():
+            queue.take = functools.partial(self._take, queue)
         # Retries of a request: the old formula (doubling from the initial
         # delay, half of it jitter), with a Retry-After honoured up to six
         # times the cap.
@@ -288,7 +307,8 @@ class Executor:
         if batch.request_count and batch.pending == 0:
             self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
             return
-        run = _Run(batch.id, batch.seq, batch.kind, batch.priority, started=batch.state is State.RUNNING)
+        run = _Run(batch.id, batch.seq, batch.kind, batch.priority, batch.tenant,
+                   started=batch.state is State.RUNNING)
         if (batch.kind is BatchKind.GENERATE and batch.request_count >= _PORTABLE_MIN
                 and self._models[batch.model].portable is not None and self._pool is not None
                 and self._pool.workers > 0):
@@ -324,11 +344,12 @@ class Executor:
             self.submit(ready)
 
     def reprioritize(self, batch_id: str, priority: int) -> None:
-        """Apply a new priority to the requests not yet started."""
+        """Apply a new priority to the requests not yet started (it orders
+        them among their tenant's batches only)."""
         entry = self._runs.get(batch_id)
         if entry:
             entry[0].priority = priority
-            entry[1].reorder()
+            entry[1].reorder(entry[0])
 
     def _unschedule(self, batch_id: str) -> None:
         entry = self._runs.pop(batch_id, None)
@@ -336,33 +357,45 @@ class Executor:
             run, queue = entry
             run.buffer.clear()
             run.exhausted = True
-            if run in queue.runs:
-                queue.runs.remove(run)
+            queue.runs.remove(run)
 
-    def _next(self, queue: _ModelQueue, most: int) -> tuple[_Run, list[PendingItem] | range] | None:
-        """Up to ``most`` requests of the first run (in priority order) that
-        has any: read ones, or a range of idx for a run in worker processes."""
-        for run in queue.runs:
-            if run.runner is not None:
-                if not run.started:
-                    if not run.refilling:  # here: marking it RUNNING before any result lands
-                        run.refilling = True
-                        self._spawn(self._start(run, queue))
-                    continue
-                if run.exhausted:
-                    continue
-                span = range(run.cursor, min(run.cursor + most, run.end))
-                run.cursor = span.stop
-                if run.cursor >= run.end:
-                    run.exhausted = True
-                    queue.runs.remove(run)  # everything dispatched; the last commit finishes it
-                return run, span
-            if len(run.buffer) < queue.refill and not run.exhausted and not run.refilling:
-                run.refilling = True
-                self._spawn(self._refill(run, queue))
-            if run.buffer:
-                buffer = run.buffer
-                return run, [buffer.popleft() for _ in range(min(most, len(buffer)))]
+    @staticmethod
+    def _next(queue: _ModelQueue) -> tuple[_Run, list[PendingItem] | range] | None:
+        """Up to a chunk of requests of the tenant whose turn it is, from its
+        first run (in priority order) that has any: read ones, or a range of
+        idx for a run in worker processes."""
+        return queue.runs.next(queue.take)
+
+    def _take(self, queue: _ModelQueue, run: _Run) -> list[PendingItem] | range | None:
+        """Up to a chunk of ``run``'s requests, or None if none is ready; a
+        run with nothing left to dispatch leaves the scheduler."""
+        if run.runner is not None:
+            if not run.started:
+                if not run.refilling:  # here: marking it RUNNING before any result lands
+                    run.refilling = True
+                    self._spawn(self._start(run, queue))
+                return None
+            if run.exhausted:
+                return None
+            span = range(run.cursor, min(run.cursor + queue.chunk, run.end))
+            run.cursor = span.stop
+            if run.cursor >= run.end:
+                run.exhausted = True
+                queue.runs.remove(run)  # everything dispatched; the last commit finishes it
+            return span
+        buffer = run.buffer
+        if len(buffer) < queue.refill and not run.exhausted and not run.refilling:
+            run.refilling = True
+            self._spawn(self._refill(run, queue))
+        if buffer:
+            items = [buffer.popleft() for _ in range(min(queue.chunk, len(buffer)))]
+            if not buffer and run.exhausted:
+                # Everything dispatched (the writer finishes it): its tenant
+                # has no more work here unless it has other runs.
+                queue.runs.remove(run)
+            return items
+        if run.exhausted and not run.refilling:
+            queue.runs.remove(run)
         return None
 
     async def _start(self, run: _Run, queue: _ModelQueue) -> None:
@@ -394,7 +427,7 @@ class Executor:
                 run.cursor = items[-1].idx + 1
             if len(items) < queue.refill:
                 run.exhausted = True
-                if not run.buffer and run in queue.runs:
+                if not run.buffer:
                     queue.runs.remove(run)  # everything dispatched; the writer finishes it
         run.refilling = False
         queue.wakeup.set()
@@ -421,15 +454,14 @@ class Executor:
                     run.reads += 1  # a read under way now brings stale rows: dropped
                     run.buffer.clear()
                     run.cursor, run.exhausted = 0, False
-                    if run not in queue.runs:  # fully dispatched, so out of the queue
-                        queue.add(run)
+                    queue.add(run)  # back if fully dispatched, so out of the queue; else a no-op
             await asyncio.sleep(_RESTART_S)
 
     async def _worker(self, model_name: str, model: ModelRuntime) -> None:
         queue = self._queues[model_name]
         done_without_yield = 0
         while not self._stopping:
-            picked = self._next(queue, model.chunk)
+            picked = self._next(queue)
             if picked is None:
                 queue.wakeup.clear()
                 await queue.wakeup.wait()
