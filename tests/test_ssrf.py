@@ -325,3 +325,19 @@ def test_the_socket_layer_refuses_everything_but_loopback(loopback_only: LeakGua
         listener.listen()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.connect(listener.getsockname())
+
+
+async def test_redirects_are_not_followed(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    """A receiver cannot bounce the POST to a refused address: a 3xx is a failed attempt."""
+    rx = await receivers(lambda _path, _n: Reply(307, {"Location": "http://169.254.169.254/latest/meta-data"}))
+    server = await make_server(ServerConfig(webhooks=fast(allow=("127.0.0.1",), max_attempts=1)))
+    stubs = Stubs.connect(server.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/hook"]))
+        await wait_done(stubs, op.name, within=15)
+        rows = await wait_rows(server.data_dir, lambda rows: [r[1] for r in rows] == ["failed"])
+    finally:
+        await stubs.channel.close()
+    assert rows[0][3] == "HTTP 307" and len(rx.hits) == 1
