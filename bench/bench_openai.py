@@ -19,7 +19,8 @@ What it does (127.0.0.1 only; every wait is bounded):
    reading and converting the input file included (as longbatch's ingest is), and apart.
 4. **longbatch**: a fresh ``longbatch serve`` with one ``openai`` model at
    ``max_concurrency = --concurrency``; upload, create, wait, download the responses file.
-   Throughput is requests / (create → done); CPU is the server process and its worker processes
+   Throughput is requests / (create → done: GetOperation every 20 ms until RUNNING, then
+   WaitOperation, which answers when the batch is done); CPU is the server process and its worker processes
    from the first uploaded byte to the last downloaded byte (ingest, dispatch, commit, results
    file together).
 5. Direct once more, so that the longbatch run sits between two references.
@@ -61,7 +62,8 @@ from bench_e2e import (
     unpack_batch,
     upload_file,
 )
-from google.longrunning import operations_pb2_grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf.duration_pb2 import Duration
 
 from longbatch.v1 import batch_pb2, batch_pb2_grpc
 
@@ -234,6 +236,16 @@ def run_direct(args: argparse.Namespace, base_url: str, model: str, input_path: 
     return figures
 
 
+async def wait_done(ops: operations_pb2_grpc.OperationsStub, name: str,
+                    deadline: Deadline) -> tuple[operations_pb2.Operation, float]:
+    """WaitOperation until done: event driven, so the server's CPU is the batch's, not a poller's."""
+    while True:
+        op = await ops.WaitOperation(operations_pb2.WaitOperationRequest(name=name, timeout=Duration(seconds=30)),
+                                     timeout=deadline.left(40))
+        if op.done:
+            return op, time.perf_counter()
+
+
 async def run_longbatch(args: argparse.Namespace, base_url: str, model: str, input_path: Path, work: Path,
                         server: Child) -> dict[str, Any]:
     """The batch through a fresh longbatch server; its figures."""
@@ -258,7 +270,7 @@ async def run_longbatch(args: argparse.Namespace, base_url: str, model: str, inp
             created = time.perf_counter()
             _, running_at, _ = await poll(
                 ops, op.name, lambda o: unpack_batch(o).state != batch_pb2.BATCH_STATE_PENDING, deadline)
-            op, done_at, _ = await poll(ops, op.name, lambda o: o.done, deadline)
+            op, done_at = await wait_done(ops, op.name, deadline)
             batch = unpack_batch(op)
             if batch.state != batch_pb2.BATCH_STATE_SUCCEEDED:
                 raise BenchError(f"batch ended {batch_pb2.BatchState.Name(batch.state)}: {op.error.message}")
@@ -330,7 +342,7 @@ def render(report: dict[str, Any]) -> str:
 async def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Run everything and return the report."""
     input_path = work / "input.jsonl"
-    generate_input(input_path, args.requests, 7, "realistic")
+    generate_input(input_path, args.requests, 7, args.mix)
     server, base_url, model = start_model_server(args, work)
     try:
         direct = [run_direct(args, base_url, model, input_path, work, server, 1)]
@@ -357,6 +369,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency", type=float, default=0.05, help="fake server latency, seconds (default 0.05)")
     p.add_argument("--server", choices=("fake", "llama"), default="fake", help="model server (default fake)")
     p.add_argument("--llama-python", default=None, help="Python of a venv with llama-cpp-python[server]")
+    p.add_argument("--mix", choices=("plain", "realistic"), default="realistic",
+                   help="request shapes (default realistic; plain single-turn text suits a slow real model)")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens when a request sets none (default 64)")
     p.add_argument("--budget", type=float, default=900.0, help="seconds each run may take (default 900)")
     p.add_argument("--single-direct", action="store_true", help="one direct run instead of two")
