@@ -6,7 +6,7 @@ every failed call raises a ``LongbatchError`` subclass.
 
 from __future__ import annotations
 
-from longbatch.client.client import Client
+from longbatch.client.client import Client, TlsOptions
 from longbatch.client.errors import (
     AlreadyExists,
     BatchFailed,
@@ -43,6 +43,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "TlsOptions",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

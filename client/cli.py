@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TextIO, TypeVar
 
 from longbatch.client import display
-from longbatch.client.client import DEFAULT_TARGET, Client
+from longbatch.client.client import DEFAULT_TARGET, Client, TlsOptions
 from longbatch.client.errors import BatchFailed, LongbatchError, Unimplemented
 from longbatch.client.operation import BatchOperation
 from longbatch.client.progress import LiveLine, RateMeter, TransferProgress
@@ -433,21 +433,65 @@ async def cmd_files_download(client: Client, args: argparse.Namespace, out: Text
 
 
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    """Adds --target, --api-key and --json; without defaults for subcommands, so
-    that the options work before or after the subcommand name."""
+    """Adds --target, the credentials and TLS options, and --json; without
+    defaults for subcommands, so that the options work before or after the
+    subcommand name."""
 
     def default(value: object) -> object:
         return value if defaults else argparse.SUPPRESS
 
+    def shown(text: str) -> str:
+        return text if defaults else argparse.SUPPRESS
+
+    env = os.environ.get
     parser.add_argument(
         "--target",
-        default=default(os.environ.get("LONGBATCH_TARGET") or DEFAULT_TARGET),
-        help="server host:port (env LONGBATCH_TARGET, default %(default)s)" if defaults else argparse.SUPPRESS,
+        default=default(env("LONGBATCH_TARGET") or DEFAULT_TARGET),
+        help=shown("server host:port (env LONGBATCH_TARGET, default %(default)s)"),
     )
     parser.add_argument(
         "--api-key",
-        default=default(os.environ.get("LONGBATCH_API_KEY")),
-        help="API key sent as x-goog-api-key (env LONGBATCH_API_KEY)" if defaults else argparse.SUPPRESS,
+        default=default(env("LONGBATCH_API_KEY")),
+        help=shown("API key sent as x-goog-api-key (env LONGBATCH_API_KEY); on the command line other local "
+                   "users can read it (ps): prefer the variable or --api-key-file"),
+    )
+    parser.add_argument(
+        "--api-key-file",
+        default=default(env("LONGBATCH_API_KEY_FILE")),
+        metavar="PATH",
+        help=shown("read the API key from this file (env LONGBATCH_API_KEY_FILE)"),
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(env("LONGBATCH_TLS", "") in ("1", "true")),
+        help=shown("connect over TLS, trusting the system's CAs (env LONGBATCH_TLS=1); --ca, --cert and --key "
+                   "imply it"),
+    )
+    parser.add_argument(
+        "--ca",
+        default=default(env("LONGBATCH_CA")),
+        metavar="PEM",
+        help=shown("trust this CA for the server's certificate (env LONGBATCH_CA)"),
+    )
+    parser.add_argument(
+        "--cert",
+        default=default(env("LONGBATCH_CERT")),
+        metavar="PEM",
+        help=shown("client certificate, for a server that requires mTLS (env LONGBATCH_CERT)"),
+    )
+    parser.add_argument(
+        "--key",
+        default=default(env("LONGBATCH_KEY")),
+        metavar="PEM",
+        help=shown("the client certificate's private key (env LONGBATCH_KEY)"),
+    )
+    parser.add_argument(
+        "--tls-server-name",
+        default=default(env("LONGBATCH_TLS_SERVER_NAME")),
+        metavar="NAME",
+        help=shown("check the server's certificate for NAME instead of the target's host "
+                   "(env LONGBATCH_TLS_SERVER_NAME)"),
     )
     parser.add_argument(
         "--json",
@@ -588,24 +632,58 @@ def build_parser() -> argparse.ArgumentParser:
 # Entry point.
 
 
-def print_error(error: LongbatchError, err: TextIO, *, target: str = "", api_key: str | None = None) -> None:
+def print_error(
+    error: LongbatchError, err: TextIO, *, target: str = "", api_key: str | None = None, tls: bool = False
+) -> None:
     """Prints ``error: CODE: message``, the field violations and a hint where one helps."""
     err.write(f"error: {error}\n")
     for field, description in error.field_violations:
         if description not in str(error):  # the message often says it already (a filter error, say)
             err.write(f"  {field}: {description}\n")
-    if error.code.name == "UNAVAILABLE" and target:
-        err.write(f"  (is a longbatch server running at {target}?)\n")
+    text = str(error).lower()
+    if error.code.name == "UNAVAILABLE" and any(word in text for word in ("ssl", "handshake", "certificate", "tls")):
+        err.write("  (the TLS handshake failed: check --ca, and --cert/--key if the server requires mTLS)\n")
+    elif error.code.name == "UNAVAILABLE" and target:
+        hint = "" if tls else "; if it serves TLS, pass --tls or --ca"
+        err.write(f"  (is a longbatch server running at {target}?{hint})\n")
     elif error.code.name == "UNAUTHENTICATED" and not api_key:
-        err.write("  (pass --api-key or set LONGBATCH_API_KEY)\n")
+        err.write("  (pass --api-key-file, or set LONGBATCH_API_KEY)\n")
 
 
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     handler: Command | None = args.handler
     if handler is None:
         raise UsageError("serve takes its own options and comes first: longbatch serve [--port N] …")
-    async with Client(args.target, api_key=args.api_key) as client:
+    api_key = _api_key(args)
+    args.api_key = api_key  # for the hints of print_error
+    async with Client(args.target, api_key=api_key, tls=_tls(args)) as client:
         return await handler(client, args, out, err)
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key or --api-key-file (one of them)."""
+    if args.api_key_file is None:
+        return args.api_key or None
+    if args.api_key:
+        raise UsageError("give --api-key or --api-key-file, not both (LONGBATCH_API_KEY counts as --api-key)")
+    try:
+        with open(args.api_key_file, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandFailed(f"cannot read the API key file {args.api_key_file}: {getattr(e, 'strerror', None) or e}"
+                            ) from e
+    if not key:
+        raise CommandFailed(f"the API key file {args.api_key_file} is empty")
+    return key
+
+
+def _tls(args: argparse.Namespace) -> bool | TlsOptions:
+    """TLS as the options ask: off, the system's roots, or files."""
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("--cert and --key go together: give both or neither")
+    if args.ca is None and args.cert is None and args.tls_server_name is None:
+        return bool(args.tls)
+    return TlsOptions(ca=args.ca, cert=args.cert, key=args.key, server_name=args.tls_server_name)
 
 
 def _serve(argv: list[str]) -> int:
@@ -645,7 +723,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         err.write(f"error: {error}\n")
         return EXIT_TIMEOUT
     except LongbatchError as error:
-        print_error(error, err, target=args.target, api_key=args.api_key)
+        print_error(error, err, target=args.target, api_key=args.api_key,
+                    tls=bool(args.tls or args.ca or args.cert))
     except UsageError as error:
         err.write(f"error: {error}\n")
         return EXIT_USAGE

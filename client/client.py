@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -51,12 +53,77 @@ def _model_name(model: str) -> str:
     return model if model.startswith("models/") else f"models/{model}"
 
 
+@dataclass(frozen=True)
+class TlsOptions:
+    """How a ``Client`` connects over TLS.
+
+    With no field set, the server's certificate is checked against the
+    system's trusted roots and no client certificate is sent.
+    """
+
+    ca: str | os.PathLike[str] | None = None
+    """PEM file of the CA(s) to trust for the server's certificate, instead of the system's roots."""
+    cert: str | os.PathLike[str] | None = None
+    """PEM client certificate chain, for a server that requires mTLS; needs ``key``."""
+    key: str | os.PathLike[str] | None = None
+    """PEM private key of ``cert``, unencrypted."""
+    server_name: str | None = None
+    """The name to check the server's certificate against, when it is not the target's host."""
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Channel credentials from the files, each read and checked now.
+
+        Raises:
+            ValueError: a file is unreadable or not valid PEM, the key does
+                not match the certificate, or only one of them was given.
+        """
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a TLS client certificate and its key go together: give both or neither")
+        ca = _read_pem(self.ca, "TLS CA") if self.ca is not None else None
+        if ca is not None:
+            try:
+                ssl.create_default_context(cadata=ca.decode("ascii"))
+            except (ssl.SSLError, UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"the TLS CA file {self.ca} holds no valid PEM certificate") from e
+        cert = key = None
+        if self.cert is not None and self.key is not None:
+            cert, key = _read_pem(self.cert, "TLS client certificate"), _read_pem(self.key, "TLS client key")
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert, self.key, password=_no_password)
+            except ssl.SSLError as e:
+                raise ValueError(f"the TLS client key {self.key} does not match the certificate {self.cert}, or "
+                                 f"one is not valid PEM ({e.reason or e})") from e
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def _no_password() -> str:
+    # Called by OpenSSL only for an encrypted key; without this it would prompt on the terminal.
+    raise ValueError("the TLS client key is encrypted; gRPC needs an unencrypted PEM key")
+
+
+def _read_pem(path: str | os.PathLike[str], what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read the {what} file {path}: {e.strerror or e}") from e
+
+
 def _open_read(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
 def _open_write(path: Path) -> BinaryIO:
     return open(path, "wb")
+
+
+def _channel(target: str, tls: bool | TlsOptions) -> aio.Channel:
+    if not isinstance(tls, TlsOptions):
+        if not tls:
+            return aio.insecure_channel(target)
+        tls = TlsOptions()
+    options = tls
+    channel_options = [("grpc.ssl_target_name_override", options.server_name)] if options.server_name else []
+    return aio.secure_channel(target, options.credentials(), options=channel_options)
 
 
 class Client:
@@ -66,12 +133,18 @@ class Client:
     Use it as ``async with Client(target) as client:`` or call ``close()``.
 
     Args:
-        target: ``host:port`` of the server (plaintext) when no channel is given.
+        target: ``host:port`` of the server when no channel is given.
         api_key: Sent on every call as ``x-goog-api-key``.
-        channel: A ready ``grpc.aio`` channel (e.g. with TLS); the client does
-            not close a channel it was given.
+        tls: Connect over TLS: ``True`` trusts the system's roots, a
+            ``TlsOptions`` names a CA, a client certificate (mTLS) or the
+            server name; ``False`` (the default) is plaintext.
+        channel: A ready ``grpc.aio`` channel; the client does not close a
+            channel it was given (``tls`` is then unused).
         timeout: Deadline in seconds of each unary call (waits and streams
             excepted); None for no deadline.
+
+    Raises:
+        ValueError: a TLS file is unreadable or invalid.
     """
 
     def __init__(
@@ -79,11 +152,14 @@ class Client:
         target: str = DEFAULT_TARGET,
         *,
         api_key: str | None = None,
+        tls: bool | TlsOptions = False,
         channel: aio.Channel | None = None,
         timeout: float | None = 60.0,
     ) -> None:
         self._owns_channel = channel is None
-        self._channel = channel if channel is not None else aio.insecure_channel(target)
+        if channel is None:
+            channel = _channel(target, tls)
+        self._channel = channel
         self._metadata: tuple[tuple[str, str], ...] = (("x-goog-api-key", api_key),) if api_key else ()
         self._timeout = timeout
         self._batches = batch_pb2_grpc.BatchServiceStub(self._channel)

@@ -18,6 +18,7 @@ from longbatch.v1 import batch_pb2_grpc, file_pb2_grpc, model_pb2_grpc, quota_pb
 
 from .backends import create_backend
 from .config import ServerConfig
+from .datadir import DB_NAME, secure_data_dir
 from .domain import Batch
 from .edge import Authenticator, EdgeRegistrar
 from .executor import Executor, ModelRuntime
@@ -36,6 +37,7 @@ from .services.models import ModelService
 from .services.operations import OperationsService
 from .services.quotas import QuotaService
 from .sqlite_store import SQLiteStore
+from .tls import CertificateReloader
 from .webhooks import WebhookDispatcher
 from .workers import WorkerPool
 
@@ -92,18 +94,28 @@ class Running:
         log.info("longbatch stopped")
 
 
-async def start_server(config: ServerConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> Running:
-    """Build every part, bind ``host:port`` (0 picks a free port) and start."""
-    store = SQLiteStore(data_dir / "longbatch.db")
+async def start_server(
+    config: ServerConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
+    tls: CertificateReloader | None = None,
+) -> Running:
+    """Build every part, bind ``host:port`` (0 picks a free port) and start.
+
+    With ``tls`` the port speaks TLS only (mTLS when it has a client CA);
+    without, plaintext: ``longbatch serve`` decides which a host may have.
+    """
+    secure_data_dir(data_dir)  # before SQLite and the file storage create anything there
+    store = SQLiteStore(data_dir / DB_NAME)
     await store.open()
     try:
-        return await _assemble(config, data_dir, store, host, port)
+        return await _assemble(config, data_dir, store, host, port, tls)
     except BaseException:
         await store.close()
         raise
 
 
-async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int) -> Running:
+async def _assemble(
+    config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int, tls: CertificateReloader | None
+) -> Running:
     files = FileStorage(data_dir / "files")
     files.prepare()
     notifier = Notifier()
@@ -114,9 +126,9 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
         for m in config.models
     }
 
-    # Built-in quota defaults apply once callers authenticate (API keys): an
-    # open server's one caller is its operator.
-    quotas = Quotas(config.quotas, store, open_server=not config.api_keys)
+    # Built-in quota defaults apply once callers authenticate (API keys or
+    # client certificates): an open server's one caller is its operator.
+    quotas = Quotas(config.quotas, store, open_server=not (config.api_keys or config.tls_clients))
 
     async def read_input(batch: Batch) -> int:
         assert batch.input_file is not None
@@ -124,7 +136,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
                             quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)), workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input,
-                        workers, tenant_weights={t.name: t.weight for t in config.tenants})
+                        workers)
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
     executor.on_terminal = webhooks.on_terminal
     tokens = PageTokens(await store.secret("page-token-key"))
@@ -143,7 +155,7 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     )
     # The generated add_* functions only call the registration methods, which
     # EdgeRegistrar provides; it stands in for the server to wrap each handler.
-    edge = cast(grpc.aio.Server, EdgeRegistrar(server, Authenticator(config.api_keys)))
+    edge = cast(grpc.aio.Server, EdgeRegistrar(server, Authenticator(config.api_keys, config.tls_clients)))
     batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), edge)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
@@ -155,7 +167,10 @@ async def _assemble(config: ServerConfig, data_dir: Path, store: SQLiteStore, ho
     enable_reflection(server, SERVICE_NAMES)
 
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if tls is not None:
+        bound = server.add_secure_port(address, tls.credentials())
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
     await webhooks.start()

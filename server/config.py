@@ -97,6 +97,30 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)
     """Backend-specific options, passed through."""
 
+    def __repr__(self) -> str:
+        # options hold upstream secrets (api_key, an Authorization header):
+        # a config printed or logged must not show them.
+        return (f"ModelConfig(name={self.name!r}, backend={self.backend!r}, max_concurrency={self.max_concurrency!r}, "
+                f"latency_s={self.latency_s!r}, display_name={self.display_name!r}, "
+                f"options={_masked(self.options)!r})")
+
+
+_SECRET_OPTION = re.compile(r"key|token|secret|password|auth|cookie|credential", re.IGNORECASE)
+
+
+def _masked(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the values of secret-looking keys, and every header
+    value, replaced by ``'***'``."""
+    masked: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "headers" and isinstance(value, dict):
+            masked[key] = {name: "***" for name in value}
+        elif _SECRET_OPTION.search(key):
+            masked[key] = "***"
+        else:
+            masked[key] = value
+    return masked
+
 
 @dataclass(frozen=True)
 class ApiKey:
@@ -109,6 +133,24 @@ class ApiKey:
 
     def __repr__(self) -> str:  # keys must never reach a log
         return f"ApiKey(key='***', tenant={self.tenant!r})"
+
+
+@dataclass(frozen=True)
+class TlsClient:
+    """A client certificate identity (mTLS) and the tenant it acts for.
+
+    Exactly one of ``subject_cn``, ``san_uri`` and ``san_dns`` is set; a
+    certificate matches when it carries that value (verified against
+    ``--tls-client-ca`` during the handshake)."""
+
+    tenant: str
+    """Tenant whose resources the certificate sees."""
+    subject_cn: str = ""
+    """The certificate's subject common name."""
+    san_uri: str = ""
+    """A URI subject alternative name, e.g. a SPIFFE id ``spiffe://example.org/svc-a``."""
+    san_dns: str = ""
+    """A DNS subject alternative name."""
 
 
 @dataclass(frozen=True)
@@ -203,16 +245,6 @@ _NO_QUOTA = TenantQuota(max_stored_bytes=None, max_files=None, max_unfinished_ba
                         max_pending_requests=None, max_creates=None)
 
 
-@dataclass(frozen=True)
-class TenantConfig:
-    """How one tenant is treated (``[[tenants]]``)."""
-
-    name: str
-    """The tenant, as the API keys (or client certificates) name it."""
-    weight: int = 1
-    """Its share of each model against the other tenants with work there, 1 to 1000 (1)."""
-
-
 # Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
 # high limit lets one commit carry hundreds of results. A local embedding
 # model groups the requests in flight into encode calls of up to group_size
@@ -234,8 +266,6 @@ class ServerConfig:
     """Models by name; the built-in echo models unless the config sets any."""
     api_keys: tuple[ApiKey, ...] = ()
     """API keys; none means open, one tenant, loopback only."""
-    tenants: tuple[TenantConfig, ...] = ()
-    """Per-tenant settings (scheduling weights); a tenant not listed has the defaults."""
     limits: Limits = field(default_factory=Limits)
     """Input limits and lifetimes."""
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -246,6 +276,8 @@ class ServerConfig:
     """Webhook delivery retries and timeouts."""
     grace_period_s: float = 10.0
     """Seconds in-flight RPCs get to finish on shutdown."""
+    tls_clients: tuple[TlsClient, ...] = ()
+    """Client certificates that act for a tenant (``[[tls_clients]]``; needs ``--tls-client-ca``)."""
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     """Per-tenant quotas (``[quotas]``)."""
     workers: int = 2
@@ -261,36 +293,9 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-_MAX_WEIGHT = 1000
-
-
-def _tenants(tables: Any) -> tuple[TenantConfig, ...]:
-    """The ``[[tenants]]`` tables: a name and a scheduling weight each."""
-    if not isinstance(tables, list):
-        raise ConfigError("tenants: expected [[tenants]] tables")
-    tenants: list[TenantConfig] = []
-    for i, t in enumerate(tables):
-        where = f"tenants[{i}]"
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where}: expected a table")
-        if unknown := set(t) - {"name", "weight"}:
-            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
-        if "name" not in t or not _get(t, "name", str, where):
-            raise ConfigError(f"{where}.name is required")
-        weight = _get(t, "weight", int, where) if "weight" in t else 1
-        # A turn is weight x chunk requests (up to 512 per chunk): capped so
-        # that the other tenants still get theirs within seconds.
-        if not 1 <= weight <= _MAX_WEIGHT:
-            raise ConfigError(f"{where}.weight must be between 1 and {_MAX_WEIGHT}")
-        tenants.append(TenantConfig(name=t["name"], weight=weight))
-    if len({t.name for t in tenants}) != len(tenants):
-        raise ConfigError("tenants: a tenant is listed twice")
-    return tuple(tenants)
-
-
 def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     """Build a ServerConfig from parsed TOML, rejecting unknown keys."""
-    known = {"limits", "models", "api_keys", "webhooks", "executor", "server", "tenants", "quotas"}
+    known = {"limits", "models", "api_keys", "webhooks", "executor", "server", "tls_clients", "quotas"}
     if unknown := set(data) - known:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     lim = data.get("limits", {})
@@ -366,10 +371,11 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     workers = _get(srv, "workers", int, "server") if "workers" in srv else 2
     if not 0 <= workers <= 16:
         raise ConfigError("server.workers must be between 0 and 16")
+    tls_clients = _tls_clients(data.get("tls_clients", []))
     return ServerConfig(
+        tls_clients=tls_clients,
         models=tuple(models) if models else DEFAULT_MODELS,
         api_keys=tuple(keys),
-        tenants=_tenants(data.get("tenants", [])),
         limits=limits,
         executor=ExecutorSettings(**ex_kw),
         webhook_secret=secret,
@@ -467,6 +473,30 @@ def _quota_settings(data: dict[str, Any]) -> QuotaSettings:
     if len({name for name, _ in tenants}) != len(tenants):
         raise ConfigError("quotas.tenants: a tenant is listed twice")
     return QuotaSettings(defaults=defaults, tenants=tuple(tenants))
+
+
+def _tls_clients(tables: Any) -> tuple[TlsClient, ...]:
+    """The ``[[tls_clients]]`` tables: each one identity and a tenant."""
+    if not isinstance(tables, list):
+        raise ConfigError("tls_clients: expected [[tls_clients]] tables")
+    clients: list[TlsClient] = []
+    for i, t in enumerate(tables):
+        where = f"tls_clients[{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: expected a table")
+        if unknown := set(t) - {"tenant", "subject_cn", "san_uri", "san_dns"}:
+            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
+        ids = [k for k in ("subject_cn", "san_uri", "san_dns") if k in t]
+        if len(ids) != 1 or "tenant" not in t:
+            raise ConfigError(f"{where}: needs a tenant and exactly one of subject_cn, san_uri, san_dns")
+        value, tenant = _get(t, ids[0], str, where), _get(t, "tenant", str, where)
+        if not value or not tenant:
+            raise ConfigError(f"{where}: {ids[0]} and tenant must not be empty")
+        clients.append(TlsClient(tenant=tenant, **{ids[0]: value}))
+    identities = [(c.subject_cn, c.san_uri, c.san_dns) for c in clients]
+    if len(set(identities)) != len(identities):
+        raise ConfigError("tls_clients: the same certificate identity is listed twice")
+    return tuple(clients)
 
 
 def load_config(path: Path | None) -> ServerConfig:

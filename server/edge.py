@@ -1,10 +1,24 @@
-"""The gRPC edge: API-key auth, tenant scoping and error mapping.
+"""The gRPC edge: auth (API keys, client certificates), tenant scoping and
+error mapping.
 
 Every method handler is wrapped once, when its servicer is registered
 (``EdgeRegistrar``), so that servicers never deal with either concern: a
 handler sees the caller's tenant through ``current_tenant()`` and raises
 ``ServiceError``s; anything else it raises is logged and answered INTERNAL
 with a generic message, so no client ever sees UNKNOWN or a traceback.
+
+The caller is authenticated before its request is parsed: the wrapped
+handlers are registered without a deserializer, so gRPC hands over the raw
+bytes and the wrapper parses them only once the credentials passed. (gRPC
+still receives the message, up to the receive limit, before any handler
+runs: Python's gRPC has no hook between a call's headers and its message.)
+
+Credentials: an API key (``x-goog-api-key`` or ``authorization: Bearer``),
+or, with mTLS, a client certificate listed in ``[[tls_clients]]``. Either
+alone is enough. A key that is sent must be valid even when the certificate
+would do; sent together, both must act for the same tenant, else the call is
+refused: the caller's intent is unclear and guessing would act for the wrong
+tenant.
 """
 
 from __future__ import annotations
@@ -12,13 +26,13 @@ from __future__ import annotations
 import contextvars
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
-from .config import ApiKey
+from .config import ApiKey, TlsClient
 from .errors import Internal, InvalidArgument, ServiceError, Unauthenticated
 
 log = logging.getLogger("longbatch.edge")
@@ -116,21 +130,79 @@ def _code_tuple(code: int) -> tuple[int, str]:
     return grpc.StatusCode.UNKNOWN.value  # type: ignore[no-any-return]
 
 
-class Authenticator:
-    """Maps an API key from request metadata to a tenant, in constant time."""
+AuthContext: TypeAlias = Mapping[str, Iterable[bytes]]
 
-    def __init__(self, keys: Sequence[ApiKey]) -> None:
+
+class Authenticator:
+    """Maps an API key from request metadata (in constant time), or a client
+    certificate's identity, to a tenant."""
+
+    def __init__(self, keys: Sequence[ApiKey], tls_clients: Sequence[TlsClient] = ()) -> None:
         self._keys = [(k.key.encode(), k.tenant) for k in keys]
+        self._clients = tuple(tls_clients)
 
     @property
     def open(self) -> bool:
-        """True when no keys are configured: every caller is one tenant."""
-        return not self._keys
+        """True when no keys and no client certificates are configured: every
+        caller is one tenant."""
+        return not self._keys and not self._clients
 
-    def tenant_for(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-        """Return the caller's tenant or raise Unauthenticated."""
+    @property
+    def uses_certificates(self) -> bool:
+        """True when client certificates map to tenants (the auth context is needed)."""
+        return bool(self._clients)
+
+    def tenant_for(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]] | None,
+        auth_context: Callable[[], AuthContext] | None = None,
+    ) -> str:
+        """Return the caller's tenant or raise Unauthenticated.
+
+        ``auth_context`` (the call's, read only when certificates map to
+        tenants) gives the verified client certificate's names.
+        """
         if self.open:
             return OPEN_TENANT
+        key_tenant = self._key_tenant(metadata)
+        cert_tenant = self._certificate_tenant(auth_context()) if auth_context is not None and self._clients else None
+        if key_tenant is not None and cert_tenant is not None and key_tenant != cert_tenant:
+            raise Unauthenticated(
+                "the API key and the client certificate act for different tenants; send one of them",
+                reason="CREDENTIALS_CONFLICT",
+            )
+        tenant = key_tenant or cert_tenant
+        if tenant is None:
+            if self._clients:
+                raise Unauthenticated(
+                    "missing credentials: send an API key as 'x-goog-api-key: KEY' or 'authorization: Bearer KEY', "
+                    "or connect with a client certificate listed in the server's [[tls_clients]]",
+                    reason="CREDENTIALS_MISSING",
+                )
+            raise Unauthenticated(
+                "missing API key: send it as 'x-goog-api-key: KEY' or 'authorization: Bearer KEY'",
+                reason="API_KEY_MISSING",
+            )
+        return tenant
+
+    def _certificate_tenant(self, context: AuthContext) -> str | None:
+        """The tenant the verified client certificate maps to, or None."""
+        names = {prop: {v.decode(errors="replace") for v in context.get(prop, ())}
+                 for prop in ("x509_common_name", "peer_uri", "peer_dns")}
+        tenants = {c.tenant for c in self._clients
+                   if (c.subject_cn and c.subject_cn in names["x509_common_name"])
+                   or (c.san_uri and c.san_uri in names["peer_uri"])
+                   or (c.san_dns and c.san_dns in names["peer_dns"])}
+        if len(tenants) > 1:
+            raise Unauthenticated(
+                "the client certificate matches [[tls_clients]] entries of several tenants; the server's "
+                "operator must make them unambiguous",
+                reason="CLIENT_CERT_AMBIGUOUS",
+            )
+        return next(iter(tenants), None)
+
+    def _key_tenant(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+        """The tenant of the API key sent, None if none was, or Unauthenticated."""
         presented: str | None = None
         for key, value in metadata or ():
             if isinstance(value, bytes):
@@ -140,10 +212,7 @@ class Authenticator:
             elif key == "authorization" and value[:7].lower() == "bearer ":
                 presented = value[7:].strip()
         if not presented:
-            raise Unauthenticated(
-                "missing API key: send it as 'x-goog-api-key: KEY' or 'authorization: Bearer KEY'",
-                reason="API_KEY_MISSING",
-            )
+            return None
         candidate = presented.encode()
         tenant = None
         # Compare against every key so the time taken says nothing about which
@@ -159,39 +228,32 @@ class Authenticator:
 Behavior = Callable[..., Any]
 
 
-class _Undecodable:
-    """Stands in for a request message that did not parse (corrupt bytes,
-    nesting past protobuf's depth limit): gRPC would answer UNKNOWN with the
-    exception text if the deserializer raised, so it returns this instead and
-    the handler answers INVALID_ARGUMENT."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def error(self) -> InvalidArgument:
-        return InvalidArgument(f"malformed request message: {self.reason[:200]}", reason="MALFORMED_REQUEST")
+def _malformed(e: Exception) -> InvalidArgument:
+    return InvalidArgument(f"malformed request message: {str(e)[:200]}", reason="MALFORMED_REQUEST")
 
 
-def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _parser(deserializer: Callable[[bytes], Any] | None) -> Callable[[Any], Any]:
+    """Parses a request's raw bytes in the wrapper, after auth. A message
+    that does not parse (corrupt bytes, nesting past protobuf's depth limit)
+    is INVALID_ARGUMENT: had gRPC's deserializer raised, it would answer
+    UNKNOWN with the exception text."""
     if deserializer is None:
-        return None
+        return lambda data: data
 
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
         except Exception as e:
-            return _Undecodable(str(e))
+            raise _malformed(e) from None
 
     return parse
 
 
-async def _checked(messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _parsed(messages: AsyncIterator[bytes], parse: Callable[[Any], Any]) -> AsyncIterator[Any]:
     async for message in messages:
-        if isinstance(message, _Undecodable):
-            raise message.error()
-        yield message
+        yield parse(message)
+
+
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 
@@ -242,7 +304,12 @@ class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
     def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        _tenant.set(OPEN_TENANT if auth.open else auth.tenant_for(context.invocation_metadata()))
+        if auth.open:
+            _tenant.set(OPEN_TENANT)
+            return
+        # The auth context is built per call: read only when certificates map to tenants.
+        peer = context.auth_context if auth.uses_certificates else None
+        _tenant.set(auth.tenant_for(context.invocation_metadata(), peer))
 
     async def fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> None:
         if isinstance(exc, ServiceError):
@@ -252,15 +319,13 @@ def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
 
     h: Any = handler
     streamed_requests = bool(h.stream_unary or h.stream_stream)
+    parse = _parser(h.request_deserializer)
 
     def unary(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             try:
-                enter(context)
-                if isinstance(request, _Undecodable):
-                    raise request.error()
-                if streamed_requests:
-                    request = _checked(request)
+                enter(context)  # before the request is parsed: see the module docstring
+                request = _parsed(request, parse) if streamed_requests else parse(request)
                 return await behavior(request, context)
             except grpc.aio.AbortError:
                 raise
@@ -272,11 +337,8 @@ def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
     def streaming(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             try:
-                enter(context)
-                if isinstance(request, _Undecodable):
-                    raise request.error()
-                if streamed_requests:
-                    request = _checked(request)
+                enter(context)  # before the request is parsed: see the module docstring
+                request = _parsed(request, parse) if streamed_requests else parse(request)
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:
@@ -286,7 +348,8 @@ def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
 
         return call
 
-    ser, deser = h.response_serializer, _lenient(h.request_deserializer)
+    # No deserializer: gRPC passes the raw bytes, which `parse` reads after `enter`.
+    ser, deser = h.response_serializer, None
     if h.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(h.unary_unary), deser, ser)
     if h.unary_stream:

@@ -83,7 +83,8 @@ class NewFile(HashingWriter):
     """A file being written under a temporary name."""
 
     def __init__(self, tmp: Path, final: Path) -> None:
-        super().__init__(tmp.open("wb"))
+        # 0600 whatever the umask: it holds a tenant's prompts or outputs.
+        super().__init__(os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb"))
         self._tmp = tmp
         self._final = final
         self._open = True

@@ -1,9 +1,13 @@
 """``longbatch serve``: flags with LONGBATCH_* fallbacks, signals, shutdown.
 
 Exit codes: 0 after a clean shutdown, 1 when the server could not start
-(port, data dir, database), 2 for bad flags or a bad config. Every start-up
-failure is one ``error: …`` line on stderr, never a traceback (``--log-level
-DEBUG`` logs it).
+(port, data dir, database), 2 for bad flags, a bad config or bad TLS files.
+Every start-up failure is one ``error: …`` line on stderr, never a traceback
+(``--log-level DEBUG`` logs it).
+
+Listening anywhere but loopback needs TLS (``--tls-cert``/``--tls-key``) or
+``--allow-insecure``, and, with no credentials configured, ``--allow-open``:
+both are checked before any socket is made (``listen_refusal``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 from .app import start_server
 from .config import ConfigError, ServerConfig, load_config
 from .datadir import DataDirInUse, lock_data_dir
+from .tls import CertificateReloader, TlsError, TlsFiles
 
 log = logging.getLogger("longbatch")
 
@@ -31,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longbatch serve", description="Run the longbatch server.",
         epilog="exit status: 0 after a clean shutdown (SIGTERM, Ctrl-C), 1 when it could not start (port or data "
-               "dir in use, damaged database), 2 for bad flags or a bad config",
+               "dir in use, damaged database), 2 for bad flags, a bad config or unusable TLS files",
     )
     p.add_argument("--host", default=env("LONGBATCH_HOST", "127.0.0.1"),
                    help="address to listen on (LONGBATCH_HOST, default 127.0.0.1)")
@@ -44,9 +49,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="TOML config: models, API keys, limits (LONGBATCH_CONFIG)")
     p.add_argument("--allow-open", action="store_true", default=env("LONGBATCH_ALLOW_OPEN", "") in ("1", "true"),
                    help="serve without API keys on a non-loopback address (LONGBATCH_ALLOW_OPEN=1)")
+    p.add_argument("--tls-cert", type=Path, default=_path(env("LONGBATCH_TLS_CERT")), metavar="PEM",
+                   help="serve TLS with this PEM certificate chain (LONGBATCH_TLS_CERT); reloaded when the file "
+                        "changes or on SIGHUP")
+    p.add_argument("--tls-key", type=Path, default=_path(env("LONGBATCH_TLS_KEY")), metavar="PEM",
+                   help="the certificate's unencrypted PEM private key (LONGBATCH_TLS_KEY)")
+    p.add_argument("--tls-client-ca", type=Path, default=_path(env("LONGBATCH_TLS_CLIENT_CA")), metavar="PEM",
+                   help="require client certificates signed by this CA: mTLS (LONGBATCH_TLS_CLIENT_CA)")
+    p.add_argument("--allow-insecure", action="store_true",
+                   default=env("LONGBATCH_ALLOW_INSECURE", "") in ("1", "true"),
+                   help="serve plaintext on a non-loopback address, e.g. behind a TLS proxy "
+                        "(LONGBATCH_ALLOW_INSECURE=1)")
     p.add_argument("--log-level", default=env("LONGBATCH_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(LONGBATCH_LOG_LEVEL, default INFO)")
     return p
+
+
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def is_loopback(host: str) -> bool:
@@ -61,6 +81,32 @@ def is_loopback(host: str) -> bool:
 
 class StartupError(Exception):
     """The server could not start; the message is the one line to print."""
+
+
+def listen_refusal(args: argparse.Namespace, config: ServerConfig) -> str | None:
+    """Why these flags and this config must not serve, in one line, or None.
+
+    Pure: it runs before any TLS file is read or socket made, so a refused
+    ``--host`` never binds.
+    """
+    if (args.tls_cert is None) != (args.tls_key is None):
+        return "--tls-cert and --tls-key go together: give both, or neither for plaintext"
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        return "--tls-client-ca (mTLS) needs TLS: give --tls-cert and --tls-key too"
+    if config.tls_clients and args.tls_client_ca is None:
+        return ("the config's [[tls_clients]] map client certificates to tenants, which needs mTLS: "
+                "give --tls-client-ca")
+    if is_loopback(args.host):
+        return None
+    # With a client CA every caller holds a certificate it signed: not open.
+    if not config.api_keys and not config.tls_clients and args.tls_client_ca is None and not args.allow_open:
+        return (f"no API keys are configured, so longbatch runs open and will only listen on loopback; "
+                f"configure [[api_keys]] or pass --allow-open to serve {args.host} anyway")
+    if args.tls_cert is None and not args.allow_insecure:
+        return (f"refusing to serve {args.host} in plaintext: API keys, prompts and outputs would cross the network "
+                f"in clear; give --tls-cert and --tls-key, or pass --allow-insecure (LONGBATCH_ALLOW_INSECURE=1) "
+                f"when something else encrypts the traffic")
+    return None
 
 
 def _bind_failure(host: str, port: int) -> str | None:
@@ -107,12 +153,20 @@ async def serve(args: argparse.Namespace) -> int:
         StartupError: anything else kept the server from starting.
     """
     config = load_config(args.config)
-    if not config.api_keys and not is_loopback(args.host) and not args.allow_open:
-        print(f"error: no API keys are configured, so longbatch runs open and will only listen on loopback; "
-              f"configure [[api_keys]] or pass --allow-open to serve {args.host} anyway", file=sys.stderr)
+    if (refusal := listen_refusal(args, config)) is not None:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
+    tls = None
+    if args.tls_cert is not None:
+        # Read and checked before the port and the data dir are touched.
+        tls = CertificateReloader(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
     if args.port and (why := _bind_failure(args.host, args.port)) is not None:
         raise StartupError(f"cannot listen on {args.host}:{args.port}: {why}")
+    # Everything the server creates from here on (database, -wal, -shm, files,
+    # results written by worker processes, which inherit it) is private to
+    # this user; datadir and files also set 0600 explicitly, for servers
+    # started in a process of someone else's (tests, embedding).
+    os.umask(0o077)
     try:
         # Before the store opens: a second server on this dir must not touch it.
         lock = lock_data_dir(args.data_dir)
@@ -121,18 +175,22 @@ async def serve(args: argparse.Namespace) -> int:
     except OSError as e:
         raise StartupError(f"cannot use data dir {args.data_dir}: {e.strerror or e}") from e
     try:
-        return await _run(config, args)
+        return await _run(config, args, tls)
     finally:
         lock.release()
 
 
-async def _run(config: ServerConfig, args: argparse.Namespace) -> int:
+async def _run(config: ServerConfig, args: argparse.Namespace, tls: CertificateReloader | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if tls is not None:
+        # The files are also checked before every handshake; SIGHUP reads
+        # them now and logs the outcome, for an operator who wants to know.
+        loop.add_signal_handler(signal.SIGHUP, tls.reload_now)
     try:
-        running = await start_server(config, args.data_dir, args.host, args.port)
+        running = await start_server(config, args.data_dir, args.host, args.port, tls)
     except RuntimeError as e:
         if "bind" not in str(e):
             raise StartupError(f"cannot start: {e}") from e
@@ -148,6 +206,9 @@ async def _run(config: ServerConfig, args: argparse.Namespace) -> int:
         raise StartupError(f"cannot start: {type(e).__name__}: {e}") from e
     if (note := _models_note(config)) is not None:
         log.info("%s", note)
+    if tls is not None:
+        log.info("serving %s on %s:%s (certificate %s)", "mTLS" if tls.mtls else "TLS", args.host, running.port,
+                 tls.files.cert)
     # Printed only once signals are handled: a supervisor may stop us as soon
     # as it reads this line.
     print(f"longbatch listening on {args.host}:{running.port}", flush=True)
@@ -174,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     try:
         return runner(serve(args))
-    except ConfigError as e:
+    except (ConfigError, TlsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (StartupError, OSError) as e:

@@ -112,8 +112,9 @@ async def test_a_data_dir_that_is_a_file_is_one_line(tmp_path: Path) -> None:
 
 async def test_a_damaged_database_is_one_line(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    data.mkdir()
+    data.mkdir(mode=0o700)  # private, so the one line is not joined by the warning about open modes
     (data / "longbatch.db").write_bytes(b"this is not a database" * 100)
+    (data / "longbatch.db").chmod(0o600)
     code, err = await serve("--port", "0", "--data-dir", str(data))
     assert code == 1
     assert one_line(err).startswith("error: cannot start: ")

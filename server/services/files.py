@@ -213,6 +213,10 @@ class FileService(file_pb2_grpc.FileServiceServicer):
     async def DeleteFile(self, request: file_pb2.DeleteFileRequest, context: Context) -> empty_pb2.Empty:
         """Delete a file and its bytes, unless a batch that is not done reads it."""
         file_id = parse_name(request.name, "files")
+        # The tenant check first: the store's in-use check looks at every
+        # tenant's batches, so asked first it would tell another tenant that
+        # this file exists (FILE_IN_USE instead of NOT_FOUND).
+        await self._get(file_id)
         try:
             deleted = await self._store.delete_file(current_tenant(), file_id)
         except StoreConflict:

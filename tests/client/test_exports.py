@@ -19,6 +19,7 @@ EXPECTED = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "TlsOptions",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
