@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from conftest import MakeServer, ServerHandle
@@ -83,6 +84,7 @@ class Tenant:
 @dataclass
 class Setup:
     fake: FakeModel
+    handle: ServerHandle
     alice: Tenant
     bob: Tenant
 
@@ -108,19 +110,22 @@ async def start(make_server: MakeServer) -> AsyncIterator[Start]:
     channels: list[Stubs] = []
     servers: list[ServerHandle] = []
 
-    async def start(tenants: tuple[TenantConfig, ...] = (), limits: Limits | None = None) -> Setup:
-        fake = FakeModel(FaultPlan(latency_s=LATENCY_S))
-        await fake.start()
-        fakes.append(fake)
+    async def start(tenants: tuple[TenantConfig, ...] = (), limits: Limits | None = None,
+                    fake: FakeModel | None = None, data_dir: Path | None = None) -> Setup:
+        """A server (on ``data_dir``: a restart) whose model calls ``fake`` (a new one by default)."""
+        if fake is None:
+            fake = FakeModel(FaultPlan(latency_s=LATENCY_S))
+            await fake.start()
+            fakes.append(fake)
         model = ModelConfig(name=MODEL, backend="gemini-http", max_concurrency=CONCURRENCY,
                             options={"base_url": fake.url})
         config = ServerConfig(models=(model,), api_keys=KEYS, tenants=tenants, limits=limits or Limits(),
                               executor=ExecutorSettings(request_timeout_s=10.0))
-        handle = await make_server(config)
+        handle = await make_server(config, data_dir)
         servers.append(handle)
         stubs = Stubs.connect(handle.target)
         channels.append(stubs)
-        return Setup(fake, Tenant(stubs, "k-alice"), Tenant(stubs, "k-bob"))
+        return Setup(fake, handle, Tenant(stubs, "k-alice"), Tenant(stubs, "k-bob"))
 
     yield start
     for stubs in channels:
@@ -245,3 +250,25 @@ async def test_a_batch_behind_another_tenants_top_priority_work_does_not_expire(
     print(f"\nexpiry: bob's {n} done with alice at {count(sent, 'alice-')} of 4000")
     assert count(sent, "alice-") < 2000
     await s.alice.cancel(flood)
+
+
+async def test_shares_hold_after_a_restart(start: Start) -> None:
+    s = await start()
+    flood = await s.alice.submit("alice-0", 1500, priority=TOP)
+    small = await s.bob.submit("bob-0", 300)
+    await s.until(lambda: count(s.order(), "bob-") >= 20, 30, "bob's batch running")
+    await s.handle.running.stop(grace_s=1.0)
+    sent = len(s.order())
+    # The same data dir and fake: both batches are resumed, and the model is
+    # shared again from the first request after the restart.
+    again = await start(fake=s.fake, data_dir=s.handle.data_dir)
+    window = 200
+    await again.until(lambda: len(again.order()) >= sent + window, 60, f"{window} dispatched after the restart")
+    after = again.order()[sent:sent + window]
+    a, b = count(after, "alice-"), count(after, "bob-")
+    print(f"\nrestart: of the first {window} dispatched after it, alice {a}, bob {b}")
+    assert a + b == window and abs(a - b) <= 2 * CONCURRENCY
+    op = await again.bob.wait(small, within=60)
+    meta = metadata_of(op)
+    assert meta.state == SUCCEEDED and meta.batch_stats.successful_request_count == 300
+    await again.alice.cancel([flood])
