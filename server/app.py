@@ -136,7 +136,7 @@ async def _assemble(
                             quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)), workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input,
-                        workers)
+                        workers, tenant_weights={t.name: t.weight for t in config.tenants})
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
     executor.on_terminal = webhooks.on_terminal
     tokens = PageTokens(await store.secret("page-token-key"))

@@ -245,6 +245,16 @@ _NO_QUOTA = TenantQuota(max_stored_bytes=None, max_files=None, max_unfinished_ba
                         max_pending_requests=None, max_creates=None)
 
 
+@dataclass(frozen=True)
+class TenantConfig:
+    """How one tenant is treated (``[[tenants]]``)."""
+
+    name: str
+    """The tenant, as the API keys (or client certificates) name it."""
+    weight: int = 1
+    """Its share of each model against the other tenants with work there, 1 to 1000 (1)."""
+
+
 # Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
 # high limit lets one commit carry hundreds of results. A local embedding
 # model groups the requests in flight into encode calls of up to group_size
@@ -266,6 +276,8 @@ class ServerConfig:
     """Models by name; the built-in echo models unless the config sets any."""
     api_keys: tuple[ApiKey, ...] = ()
     """API keys; none means open, one tenant, loopback only."""
+    tenants: tuple[TenantConfig, ...] = ()
+    """Per-tenant settings (scheduling weights); a tenant not listed has the defaults."""
     limits: Limits = field(default_factory=Limits)
     """Input limits and lifetimes."""
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
@@ -293,9 +305,36 @@ def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
+_MAX_WEIGHT = 1000
+
+
+def _tenants(tables: Any) -> tuple[TenantConfig, ...]:
+    """The ``[[tenants]]`` tables: a name and a scheduling weight each."""
+    if not isinstance(tables, list):
+        raise ConfigError("tenants: expected [[tenants]] tables")
+    tenants: list[TenantConfig] = []
+    for i, t in enumerate(tables):
+        where = f"tenants[{i}]"
+        if not isinstance(t, dict):
+            raise ConfigError(f"{where}: expected a table")
+        if unknown := set(t) - {"name", "weight"}:
+            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
+        if "name" not in t or not _get(t, "name", str, where):
+            raise ConfigError(f"{where}.name is required")
+        weight = _get(t, "weight", int, where) if "weight" in t else 1
+        # A turn is weight x chunk requests (up to 512 per chunk): capped so
+        # that the other tenants still get theirs within seconds.
+        if not 1 <= weight <= _MAX_WEIGHT:
+            raise ConfigError(f"{where}.weight must be between 1 and {_MAX_WEIGHT}")
+        tenants.append(TenantConfig(name=t["name"], weight=weight))
+    if len({t.name for t in tenants}) != len(tenants):
+        raise ConfigError("tenants: a tenant is listed twice")
+    return tuple(tenants)
+
+
 def config_from_dict(data: dict[str, Any]) -> ServerConfig:
     """Build a ServerConfig from parsed TOML, rejecting unknown keys."""
-    known = {"limits", "models", "api_keys", "webhooks", "executor", "server", "tls_clients", "quotas"}
+    known = {"limits", "models", "api_keys", "webhooks", "executor", "server", "tenants", "tls_clients", "quotas"}
     if unknown := set(data) - known:
         raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
     lim = data.get("limits", {})
@@ -376,6 +415,7 @@ def config_from_dict(data: dict[str, Any]) -> ServerConfig:
         tls_clients=tls_clients,
         models=tuple(models) if models else DEFAULT_MODELS,
         api_keys=tuple(keys),
+        tenants=_tenants(data.get("tenants", [])),
         limits=limits,
         executor=ExecutorSettings(**ex_kw),
         webhook_secret=secret,
