@@ -168,7 +168,7 @@ class Upload:
             if self._in_use() + size > limit:
                 in_flight = self._ledger.upload_bytes - self.received
                 used = self._stored + self._ledger.committed_bytes - self._committed_at
-                asked = (f"this upload would need more than {_size(self.received + size)}"
+                asked = (f"this upload has sent {_size(self.received)} and its next message adds {size}"
                          + (f", with {_size(in_flight)} of other uploads in flight" if in_flight else ""))
                 raise quota_error(self._tenant, "max_stored_bytes", used, limit, asked)
         self.received += size

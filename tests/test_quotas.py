@@ -234,7 +234,7 @@ async def test_an_upload_over_max_stored_bytes_stops_midstream_and_leaves_nothin
     call = c.files.CreateFile(as_stream(upload_messages(data), pulled), metadata=ALICE, timeout=T)
     r = await refused(call)
     assert_names(r, "alice", "max_stored_bytes", 600 * KiB, limit)
-    assert "this upload would need more than" in r.description
+    assert "this upload has sent " in r.description and "its next message adds 65536" in r.description
     # The server stopped reading at the message that crossed: the client had
     # no chance to push all 32 MiB through gRPC's flow control.
     assert pulled[0] < 256, pulled
