@@ -136,6 +136,20 @@ def _bind_failure(host: str, port: int) -> str | None:
     return failure.strerror or str(failure)
 
 
+def config_file_note(path: Path, config: ServerConfig) -> str | None:
+    """A warning when a config that holds secrets is readable by other users."""
+    secret = bool(config.api_keys or config.webhook_secret
+                  or any("api_key" in m.options or m.options.get("headers") for m in config.models))
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not secret or not mode & 0o077:
+        return None
+    return (f"config {path} holds secrets (API keys, a webhook secret or a model's api_key/headers) and is "
+            f"readable by other users (mode {mode:04o}); chmod 600 it")
+
+
 def _models_note(config: ServerConfig) -> str | None:
     """A note when a config's ``[[models]]`` replaced the built-in echo models."""
     if any(m.name == "models/echo" for m in config.models):
@@ -209,6 +223,11 @@ async def _run(config: ServerConfig, args: argparse.Namespace, tls: CertificateR
     if tls is not None:
         log.info("serving %s on %s:%s (certificate %s)", "mTLS" if tls.mtls else "TLS", args.host, running.port,
                  tls.files.cert)
+    elif not is_loopback(args.host):
+        log.warning("serving plaintext on %s (--allow-insecure): keys and data cross the network unencrypted "
+                    "unless something in front encrypts them", args.host)
+    if args.config is not None and (note := config_file_note(args.config, config)) is not None:
+        log.warning("%s", note)
     # Printed only once signals are handled: a supervisor may stop us as soon
     # as it reads this line.
     print(f"longbatch listening on {args.host}:{running.port}", flush=True)

@@ -18,7 +18,9 @@ import pytest
 from conftest import MakeServer
 
 from longbatch.client import Client
+from longbatch.server.config import load_config
 from longbatch.server.datadir import secure_data_dir
+from longbatch.server.main import config_file_note
 
 from support import ServerProcess
 
@@ -115,3 +117,17 @@ def test_an_existing_database_is_not_emptied(tmp_path: Path) -> None:
     os.chmod(data / "longbatch.db", 0o600)
     secure_data_dir(data)
     assert (data / "longbatch.db").read_bytes() == b"x" * 100
+
+
+def test_a_config_with_secrets_readable_by_others_is_said(tmp_path: Path) -> None:
+    path = tmp_path / "longbatch.toml"
+    path.write_text('[[api_keys]]\nkey = "k"\ntenant = "t"\n')
+    path.chmod(0o644)
+    note = config_file_note(path, load_config(path))
+    assert note is not None and str(path) in note and "0644" in note and "chmod 600" in note
+    path.chmod(0o600)
+    assert config_file_note(path, load_config(path)) is None
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[limits]\nmax_inlined_requests = 5\n")
+    plain.chmod(0o644)
+    assert config_file_note(plain, load_config(plain)) is None  # nothing secret in it
