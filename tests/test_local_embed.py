@@ -283,11 +283,11 @@ def _config_file(tmp_path: Path, model_table: str) -> Path:
     (f'model = "{MODEL_PATH}"\ndevice = "my gpu"', "device must be a torch device"),
     (f'model = "{MODEL_PATH}"\nnormalize = "yes"', "normalize must be true or false"),
     (f'model = "{MODEL_PATH}"\nprompts = {{ RETRIEVAL_QUERY = "query: {{txt}}" }}',
-     "prompts.RETRIEVAL_QUERY: unknown placeholder {txt}"),
+     "prompts.RETRIEVAL_QUERY has an unknown placeholder {txt}"),
     (f'model = "{MODEL_PATH}"\nprompts = {{ RETRIEVAL_QUERY = "query:" }}',
      "prompts.RETRIEVAL_QUERY must contain {text}"),
-    (f'model = "{MODEL_PATH}"\nprompts = {{ SEARCH = "q: {{text}}" }}', "prompts.SEARCH: unknown task type"),
-    (f'model = "{MODEL_PATH}"\nprompts = {{ default = "q: {{text" }}', "prompts.default: not a template"),
+    (f'model = "{MODEL_PATH}"\nprompts = {{ SEARCH = "q: {{text}}" }}', "prompts.SEARCH is not a task type"),
+    (f'model = "{MODEL_PATH}"\nprompts = {{ default = "q: {{text" }}', "prompts.default is not a template"),
 ])
 async def test_bad_config_stops_serve_with_one_line(tmp_path: Path, table: str, expected: str) -> None:
     longbatch = tool("longbatch")
@@ -312,11 +312,12 @@ async def test_bad_config_stops_serve_with_one_line(tmp_path: Path, table: str, 
 
 async def test_other_backends_do_not_import_torch() -> None:
     # The base install has neither torch nor sentence-transformers: building
-    # the built-in models must not touch them.
+    # the built-in models must not touch them. (numpy is a base dependency:
+    # results files write embeddings through it.)
     code = ("import sys; from longbatch.server.backends import create_backend; "
             "from longbatch.server.config import DEFAULT_MODELS; [create_backend(m) for m in DEFAULT_MODELS]; "
             "import longbatch.server.app; "
-            "bad = {'torch', 'sentence_transformers', 'numpy', 'transformers'} & set(sys.modules); "
+            "bad = {'torch', 'sentence_transformers', 'transformers'} & set(sys.modules); "
             "assert not bad, bad")
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 30)

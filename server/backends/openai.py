@@ -88,7 +88,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,6 +101,7 @@ from ..wire import tagged, varint
 from .base import BackendError
 from .batching import MicroBatcher
 from .httpcommon import HttpClient, OptionReader, error_detail, header_safe
+from .prompts import EmbedPrompts
 
 log = logging.getLogger("longbatch.backends.openai")
 
@@ -170,7 +170,7 @@ class OpenAIBackend:
                  supports_dimensions: bool = False, system_role: bool = True,
                  max_tokens_field: str = "max_tokens", default_max_tokens: int = DEFAULT_MAX_TOKENS,
                  embed_batch_size: int = DEFAULT_EMBED_BATCH, embed_max_wait_s: float = DEFAULT_EMBED_WAIT_S,
-                 prompts: Mapping[int, str] | None = None, default_title: str = "",
+                 prompts: EmbedPrompts | None = None,
                  extra_body: Mapping[str, Any] | None = None, headers: Mapping[str, str] | None = None) -> None:
         """Build the backend (options already validated); HTTP opens on the first call.
 
@@ -191,9 +191,7 @@ class OpenAIBackend:
             default_max_tokens: sent when a request sets no limit.
             embed_batch_size: inputs per embeddings call at most.
             embed_max_wait_s: how long an embed request waits for company.
-            prompts: templates with ``{text}`` and ``{title}`` by TaskType
-                number, 0 for the default (any other task type).
-            default_title: ``{title}`` of a request without a title.
+            prompts: task-type templates for embedding inputs (:mod:`.prompts`).
             extra_body: merged into every chat/completions body.
             headers: extra request headers.
         """
@@ -215,8 +213,7 @@ class OpenAIBackend:
         self._max_field = max_tokens_field
         self._default_max = default_max_tokens
         self._dimensions = supports_dimensions
-        self._prompts = dict(prompts or {})
-        self._default_title = default_title
+        self._prompts = prompts or EmbedPrompts()
         self._extra = dict(extra_body or {})
         self._batcher: MicroBatcher[tuple[str, int], content_pb2.EmbedContentResponse] = MicroBatcher(
             self._embed_many, max_size=embed_batch_size, max_wait_s=embed_max_wait_s)
@@ -247,7 +244,8 @@ class OpenAIBackend:
             system_role=opts.flag("system_role", True),
             max_tokens_field=opts.choice("max_tokens_field", MAX_TOKENS_FIELDS, "max_tokens"),
             default_max_tokens=max_tokens, embed_batch_size=batch, embed_max_wait_s=wait,
-            prompts=_prompts(opts), default_title=opts.string("default_title", "") or "",
+            prompts=EmbedPrompts.from_options(model.options.get("prompts"), model.options.get("default_title"),
+                                              opts.error),
             extra_body=_extra_body(opts), headers=_headers(opts),
         )
 
@@ -408,15 +406,7 @@ class OpenAIBackend:
 
     def _embed_text(self, request: content_pb2.EmbedContentRequest) -> str:
         """The input to embed: the text parts joined, put in the task type's template."""
-        text = _text(request.content.parts, "content", "\n")
-        prompts = self._prompts
-        if not prompts:
-            return text
-        template = prompts.get(request.task_type) or prompts.get(0)
-        if template is None:
-            return text
-        title = request.title if request.HasField("title") else self._default_title
-        return template.format(text=text, title=title)
+        return self._prompts.apply(_text(request.content.parts, "content", "\n"), request)
 
     async def _embed_many(self, items: list[tuple[str, int]]) -> list[content_pb2.EmbedContentResponse | BackendError]:
         """Answers for a group of (text, dimensionality) in as few calls as possible."""
@@ -616,38 +606,6 @@ def _embedding(vector: list[Any], dim: int) -> content_pb2.EmbedContentResponse 
 
 
 # -- option helpers ------------------------------------------------------------------------
-
-
-def _prompts(opts: OptionReader) -> dict[int, str] | None:
-    """The ``prompts`` table by TaskType number (0: ``default``), as the
-    sentence-transformers backend reads its own: task type names in any case,
-    with or without ``TASK_TYPE_``."""
-    if "prompts" not in opts:
-        return None
-    table = opts.model.options["prompts"]
-    if not isinstance(table, dict):
-        raise opts.error("prompts", 'must be a table like { RETRIEVAL_QUERY = "query: {text}" }')
-    by_type: dict[int, str] = {}
-    for key, template in table.items():
-        at = f"prompts.{key}"
-        if not isinstance(template, str):
-            raise opts.error(at, f'must be a string like "query: {{text}}", got {template!r}')
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except ValueError as e:
-            raise opts.error(at, f"is not a template ({e}); write a literal brace as {{{{ or }}}}") from None
-        if odd := fields - {"text", "title"}:
-            raise opts.error(at, f"has an unknown placeholder {{{sorted(odd)[0]}}} (known: {{text}}, {{title}})")
-        if "text" not in fields:
-            raise opts.error(at, "must contain {text}")
-        if key.lower() == "default":
-            by_type[0] = template
-            continue
-        number = _TASK_NUMBERS.get(key.upper().removeprefix(_TASK_PREFIX))
-        if number is None:
-            raise opts.error(at, f"is not a task type (known: {', '.join(_TASK_NUMBERS)}, default)")
-        by_type[number] = template
-    return by_type
 
 
 def _extra_body(opts: OptionReader) -> dict[str, Any] | None:

@@ -49,7 +49,6 @@ import asyncio
 import importlib.util
 import logging
 import re
-import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +63,7 @@ from longbatch.v1 import content_pb2
 from ..config import ConfigError, ModelConfig, parse_duration
 from .base import BackendError
 from .batching import MicroBatcher
+from .prompts import EmbedPrompts
 
 __all__ = ["SentenceTransformersBackend"]
 
@@ -105,8 +105,7 @@ class SentenceTransformersBackend:
 
     def __init__(self, *, name: str, model_path: str, device: str = "cpu", batch_size: int = 64,
                  group_size: int | None = None, max_wait_s: float = 0.005, normalize: bool = True,
-                 prompts: dict[int, str] | None = None, default_prompt: str | None = None,
-                 default_title: str = "") -> None:
+                 prompts: EmbedPrompts | None = None) -> None:
         """Start loading the model on the encode thread and return at once.
 
         The first group of requests waits for the load (a few seconds, most
@@ -122,18 +121,14 @@ class SentenceTransformersBackend:
                 ``4 * batch_size``.
             max_wait_s: how long a group waits to fill.
             normalize: return unit-length vectors.
-            prompts: templates by TaskType number, already validated.
-            default_prompt: the template for any other task type; None for the text alone.
-            default_title: ``{title}`` of a request without a title.
+            prompts: task-type templates (:mod:`.prompts`).
         """
         self._name = name
         self._path = model_path
         self._device = device
         self._batch_size = batch_size
         self._normalize = normalize
-        self._prompts = prompts or {}
-        self._default_prompt = default_prompt
-        self._default_title = default_title
+        self._prompts = prompts or EmbedPrompts()
         self._dim: int | None = None
         self._model: Any = None
         self._load_error: BackendError | None = None
@@ -183,10 +178,8 @@ class SentenceTransformersBackend:
         normalize = opts.get("normalize", True)
         if not isinstance(normalize, bool):
             raise ConfigError(f"{where}: normalize must be true or false, got {normalize!r}")
-        default_title = opts.get("default_title", "")
-        if not isinstance(default_title, str):
-            raise ConfigError(f"{where}: default_title must be a string, got {default_title!r}")
-        prompts, default_prompt = _prompts(opts.get("prompts", {}), where)
+        prompts = EmbedPrompts.from_options(opts.get("prompts"), opts.get("default_title"),
+                                            lambda key, why: ConfigError(f"{where}: {key} {why}"))
         if importlib.util.find_spec("sentence_transformers") is None:
             raise ConfigError(f"{where}: the sentence-transformers package is not installed; "
                               "pip install 'longbatch[local]'")
@@ -199,7 +192,7 @@ class SentenceTransformersBackend:
                         group_size)
         return cls(name=model.name, model_path=path, device=device, batch_size=batch_size, group_size=group_size,
                    max_wait_s=max_wait_s,
-                   normalize=normalize, prompts=prompts, default_prompt=default_prompt, default_title=default_title)
+                   normalize=normalize, prompts=prompts)
 
     # -- Backend protocol ------------------------------------------------------------
 
@@ -248,12 +241,7 @@ class SentenceTransformersBackend:
                 raise BackendError(code_pb2.INVALID_ARGUMENT,
                                    f"content.parts[{k}] is {kind or 'empty'}: the sentence-transformers backend "
                                    "embeds text only")
-        text = "\n".join([p.text for p in parts])
-        template = self._prompts.get(request.task_type, self._default_prompt)
-        if template is None:
-            return text
-        title = request.title if request.HasField("title") else self._default_title
-        return template.format(text=text, title=title)
+        return self._prompts.apply("\n".join([p.text for p in parts]), request)
 
     async def _encode_group(self, items: list[_Item]) -> list[list[float] | BackendError]:
         # The boundary between the loop and the model: everything past it
@@ -327,34 +315,6 @@ def _bad_dimension(dim: int, full: int | None) -> BackendError:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else ""
-
-
-def _prompts(table: Any, where: str) -> tuple[dict[int, str], str | None]:
-    """The ``prompts`` table as templates by TaskType number, and the default."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: prompts must be a table of task type = \"template\", got {table!r}")
-    by_type: dict[int, str] = {}
-    default: str | None = None
-    for key, template in table.items():
-        at = f"{where}: prompts.{key}"
-        if not isinstance(template, str):
-            raise ConfigError(f"{at} must be a string like \"query: {{text}}\", got {template!r}")
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-        except ValueError as e:
-            raise ConfigError(f"{at}: not a template ({e}); write a literal brace as {{{{ or }}}}") from None
-        if odd := fields - _FIELDS:
-            raise ConfigError(f"{at}: unknown placeholder {{{sorted(odd)[0]}}} (known: {{text}}, {{title}})")
-        if "text" not in fields:
-            raise ConfigError(f"{at} must contain {{text}}")
-        if key.lower() == _DEFAULT_KEY:
-            default = template
-            continue
-        number = _TASK_TYPES.get(key.upper().removeprefix(_TASK_PREFIX))
-        if number is None:
-            raise ConfigError(f"{at}: unknown task type (known: {', '.join(sorted(_TASK_TYPES))}, {_DEFAULT_KEY})")
-        by_type[number] = template
-    return by_type, default
 
 
 def _resolve_model(ref: str, where: str) -> str:
