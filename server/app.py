@@ -156,7 +156,7 @@ async def _assemble(
     # The generated add_* functions only call the registration methods, which
     # EdgeRegistrar provides; it stands in for the server to wrap each handler.
     edge = cast(grpc.aio.Server, EdgeRegistrar(server, Authenticator(config.api_keys, config.tls_clients)))
-    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits), edge)
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits, config.webhooks), edge)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
     file_service = FileService(store, files, config.limits, tokens, on_large_upload=workers.warm, quotas=quotas)

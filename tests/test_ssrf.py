@@ -116,8 +116,6 @@ def chunks(items: list[str], size: int = 10) -> list[list[str]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-@pytest.mark.xfail(strict=True, reason="needs app.py to hand config.webhooks to BatchService, which passes "
-                                       "AllowList.parse(webhooks.allow) to validate_create (see the report)")
 async def test_literal_forms_are_refused_at_create(make_server: MakeServer) -> None:
     server = await make_server(ServerConfig(webhooks=fast(allow=())))
     stubs = Stubs.connect(server.target)

@@ -11,10 +11,11 @@ from google.longrunning import operations_pb2
 from longbatch.v1 import batch_pb2, batch_pb2_grpc
 
 from .. import convert
-from ..config import Limits
+from ..config import Limits, WebhookSettings
 from ..edge import current_tenant
 from ..errors import InvalidArgument
 from ..manager import BatchManager
+from ..netguard import AllowList
 from ..validate import MAX_DISPLAY_NAME, parse_name, validate_create
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -24,9 +25,12 @@ _UPDATABLE = ("display_name", "priority")
 class BatchService(batch_pb2_grpc.BatchServiceServicer):
     """Creates and updates batches and streams their results."""
 
-    def __init__(self, manager: BatchManager, limits: Limits) -> None:
+    def __init__(self, manager: BatchManager, limits: Limits, webhooks: WebhookSettings | None = None) -> None:
         self._manager = manager
         self._limits = limits
+        # Literal webhook addresses the delivery guard would refuse are
+        # refused here already, where the caller can still fix them.
+        self._webhook_allow = AllowList.parse(webhooks.allow if webhooks else ())
 
     async def BatchGenerateContent(
         self, request: batch_pb2.BatchGenerateContentRequest, context: Context
@@ -46,7 +50,7 @@ class BatchService(batch_pb2_grpc.BatchServiceServicer):
                       kind: type[convert.BatchMessage]) -> operations_pb2.Operation:
         if batch is None:
             raise InvalidArgument("batch is required", violations=[("batch", "is required")])
-        valid = validate_create(batch, request_id, self._limits)
+        valid = validate_create(batch, request_id, self._limits, self._webhook_allow)
         view = await self._manager.create(current_tenant(), valid, request_id)
         return convert.operation(view.batch, view.output, view.waiting_reason)
 
