@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import shutil
 import signal
 import sqlite3
@@ -10,9 +11,10 @@ import sys
 import sysconfig
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -110,6 +112,55 @@ async def wait_done(stubs: Stubs, name: str, within: float = 30.0) -> operations
         op = await stubs.ops.WaitOperation(req, timeout=min(left, 10) + 5)
         if op.done:
             return op
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "", every: float = 0.02) -> Any:
+    """Re-check ``check`` (plain or async) until it returns something truthy,
+    and return that; fail after ``within`` seconds.
+
+    Tests wait on a condition, never for a fixed time: a fixed sleep is too
+    short on a loaded machine and, when it proves that something did not
+    happen, blind to it happening a little later.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {within}s: {what or check}"
+        await asyncio.sleep(every)
+
+
+class Calls:
+    """Counts the calls of one object's async method, wrapped on the instance.
+
+    A way to see a server's loop go round (its expiry sweep's query, say)
+    without a hook in the server: wait for ``more(2)`` and the second call
+    began after the first one that could have seen the state before, so
+    one whole round ran on the state after.
+    """
+
+    def __init__(self, obj: object, name: str) -> None:
+        self.count = 0
+        self.active = 0
+        real = getattr(obj, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            self.active += 1
+            try:
+                return await real(*args, **kwargs)
+            finally:
+                self.active -= 1
+
+        setattr(obj, name, counted)
+
+    async def more(self, n: int, within: float = 10.0) -> None:
+        """Until ``n`` more calls than now have begun."""
+        target = self.count + n
+        await eventually(lambda: self.count >= target, within, f"{n} more calls")
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 
@@ -15,7 +14,7 @@ from longbatch.server.domain import PendingItem
 from longbatch.server.executor import Executor
 from longbatch.v1 import batch_pb2
 
-from support import Stubs, details, embed_batch, generate_batch, metadata_of, wait_done
+from support import Stubs, details, embed_batch, eventually, generate_batch, metadata_of, wait_done
 
 SUCCEEDED = batch_pb2.BatchState.BATCH_STATE_SUCCEEDED
 CANCELLED = batch_pb2.BatchState.BATCH_STATE_CANCELLED
@@ -81,7 +80,13 @@ async def test_same_request_id_makes_one_batch(stubs: Stubs) -> None:
 
 async def test_cancel_running_batch_keeps_finished_results(stubs: Stubs) -> None:
     op = await stubs.batches.BatchGenerateContent(generate_batch(5000, model="models/echo-slow"))
-    await asyncio.sleep(0.6)  # let some requests finish
+
+    async def some_finished() -> bool:
+        got = await stubs.ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name))
+        assert not got.done, "5000 slow requests finished before the cancel"
+        return metadata_of(got).batch_stats.successful_request_count > 0
+
+    await eventually(some_finished, within=15, what="some requests finished")
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await stubs.ops.DeleteOperation(operations_pb2.DeleteOperationRequest(name=op.name))
     assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION

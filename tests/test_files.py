@@ -17,7 +17,7 @@ from longbatch.server.config import ApiKey, Limits, ServerConfig
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, State
 from longbatch.v1 import batch_pb2, file_pb2, file_pb2_grpc
 
-from support import Stubs, details, generate_batch, wait_done
+from support import Stubs, details, eventually, generate_batch, wait_done
 
 MiB = 1 << 20
 Metadata = Sequence[tuple[str, str]]
@@ -84,11 +84,22 @@ async def listed(s: file_pb2_grpc.FileServiceAsyncStub, md: Metadata = ()) -> li
     return [f.name for f in (await s.ListFiles(file_pb2.ListFilesRequest(page_size=1000), metadata=md)).files]
 
 
-async def eventually(check: object, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not await check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+async def swept_past(files: file_pb2_grpc.FileServiceAsyncStub) -> None:
+    """Until an expiry sweep has run past every file made so far: a canary
+    uploaded now (it expires after all of them) is deleted by a sweep whose
+    cutoff saw each earlier upload expired too. Proves the sweep ran, and
+    that it deletes what it should, before a test says what it kept."""
+    canary = await upload(files, b"canary")
+
+    async def canary_gone() -> bool:
+        try:
+            await files.GetFile(file_pb2.GetFileRequest(name=canary.name))
+        except grpc.aio.AioRpcError as e:
+            assert e.code() == NOT_FOUND
+            return True
+        return False
+
+    await eventually(canary_gone, within=5, what="an expiry sweep deleted the canary upload")
 
 
 async def test_upload_get_list_download_round_trip(
@@ -328,7 +339,7 @@ async def test_file_read_by_unfinished_batch_is_kept(make_server: MakeServer) ->
         )
         await fails(files.DeleteFile(file_pb2.DeleteFileRequest(name=f.name)), grpc.StatusCode.FAILED_PRECONDITION,
                     "FILE_IN_USE")
-        await asyncio.sleep(1.0)  # several sweeps past expiry
+        await swept_past(files)
         assert (await files.GetFile(file_pb2.GetFileRequest(name=f.name))).name == f.name
 
         await store.close_batch(batch.id, State.CANCELLED, None, ItemStatus.CANCELLED)
@@ -353,7 +364,7 @@ async def test_generated_results_file_downloads_and_does_not_expire(make_server:
         assert op.response.Unpack(output)
         name = output.responses_file
         assert name.startswith("files/")
-        await asyncio.sleep(0.6)  # past the upload TTL: generated files go with their batch only
+        await swept_past(files)  # generated files go with their batch only, never by the upload TTL
         f = await files.GetFile(file_pb2.GetFileRequest(name=name))
         assert f.source == file_pb2.File.Source.SOURCE_GENERATED and not f.HasField("expiration_time")
         data = b"".join(await download(files, name))

@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 
 import grpc
@@ -36,7 +36,7 @@ from longbatch.server.sqlite_store import SQLiteStore
 from longbatch.server.store import WebhookDelivery
 from longbatch.v1 import batch_pb2, file_pb2, file_pb2_grpc
 
-from support import ServerProcess, Stubs, details, generate_batch, metadata_of, wait_done
+from support import Calls, ServerProcess, Stubs, details, eventually, generate_batch, metadata_of, wait_done
 
 EXPIRED = batch_pb2.BatchState.BATCH_STATE_EXPIRED
 PENDING = batch_pb2.BatchState.BATCH_STATE_PENDING
@@ -47,14 +47,6 @@ DEADLINE_EXCEEDED = 4
 # One worker stuck for seconds on each request: whatever is queued behind it
 # stays PENDING, deterministically.
 STUCK = ModelConfig(name="models/stuck", backend="echo", max_concurrency=1, latency_s=5.0)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    """Poll ``check`` until it holds, failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, f"condition not met within {within}s"
-        await asyncio.sleep(0.05)
 
 
 async def get(stubs: Stubs, name: str) -> operations_pb2.Operation:
@@ -111,6 +103,8 @@ def check_expired(op: operations_pb2.Operation, total: int) -> batch_pb2.Generat
 
 async def test_running_batch_expires_keeping_finished_results(make_server: MakeServer) -> None:
     srv = await make_server(ServerConfig(limits=Limits(batch_ttl_s=1.0)))
+    # Each round of the executor's expiry sweep begins with this query.
+    sweeps = Calls(srv.running.store, "expired_batches")
     stubs = Stubs.connect(srv.target)
     try:
         # 2000 x 50 ms over 16 workers takes about 6 s: far past the 1 s TTL.
@@ -143,7 +137,13 @@ async def test_running_batch_expires_keeping_finished_results(make_server: MakeS
 
         # Cancel on an EXPIRED batch: OK, and nothing changes, ever.
         await stubs.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
-        await asyncio.sleep(0.3)  # several sweeps
+        # What could still touch it has had its turn: every call in flight when
+        # it expired has ended (a closed batch takes no late result), and a
+        # whole expiry sweep ran after the cancel (the second query from now
+        # begins once the first round, which may predate it, is over).
+        gate = srv.running.executor.gate("models/echo-slow")
+        await eventually(lambda: gate.in_flight == 0, within=5, what="calls in flight ended")
+        await sweeps.more(2, within=5)
         assert await get(stubs, op.name) == op
     finally:
         await stubs.channel.close()
@@ -159,12 +159,17 @@ async def test_pending_batch_queued_behind_another_expires(make_server: MakeServ
             return metadata_of(await get(stubs, first.name)).state == RUNNING
 
         await eventually(first_running, within=5)
-        await asyncio.sleep(0.1)  # the only worker has taken its first request
+        gate = srv.running.executor.gate(STUCK.name)
+        await eventually(lambda: gate.in_flight == 1, within=5, what="the only worker took its first request")
         queued = await stubs.batches.BatchGenerateContent(generate_batch(5, model=STUCK.name))
-        await asyncio.sleep(0.5)
-        assert metadata_of(await get(stubs, queued.name)).state == PENDING
+        # PENDING at every look until it ends EXPIRED: it never ran, however
+        # late a look would have caught it running.
+        deadline = time.monotonic() + 5
+        while not (op := await get(stubs, queued.name)).done:
+            assert metadata_of(op).state == PENDING
+            assert time.monotonic() < deadline, "the queued batch did not expire within 5 s"
+            await asyncio.sleep(0.05)
 
-        op = await wait_done(stubs, queued.name, within=5)
         meta = check_expired(op, 5)
         assert meta.batch_stats.expired_request_count == 5
         entries = meta.output.inlined_responses.inlined_responses
