@@ -3,7 +3,6 @@ that each process reads, answers and commits itself (server/executor.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import multiprocessing
@@ -39,11 +38,12 @@ def assert_echoed(results: list[batch_pb2.StreamBatchResultsResponse]) -> None:
 
 
 async def first_results(stubs: Stubs, get: operations_pb2.GetOperationRequest) -> None:
-    """Poll (at most 15 s) until the batch has results: ranges are now in flight."""
-    for _ in range(300):
-        if metadata_of(await stubs.ops.GetOperation(get)).batch_stats.successful_request_count:
-            return
-        await asyncio.sleep(0.05)
+    """Until (at most 15 s) the batch has results: ranges are now in flight."""
+
+    async def some() -> int:
+        return metadata_of(await stubs.ops.GetOperation(get)).batch_stats.successful_request_count
+
+    await support.eventually(some, within=15, what="the first results")
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[int]:
@@ -89,11 +89,16 @@ async def test_cancel_while_worker_processes_run_ranges_counts_each_result_once(
     # 0.2 s per range keeps ranges in flight in the workers when the cancel lands;
     # those that commit after it must be refused, not stored or counted.
     monkeypatch.setattr(EchoBackend, "portable_generate", lambda self: functools.partial(support.slow_echo, 0.2))
-    stubs = Stubs.connect((await make_server()).target)
+    srv = await make_server()
+    # Each range handed to a worker process is one call, returning once the
+    # process has answered and tried to commit it.
+    ranges = support.Calls(srv.running.executor, "_execute_range")
+    stubs = Stubs.connect(srv.target)
     try:
         op = await stubs.batches.BatchGenerateContent(generate_batch(N), timeout=30)
         get = operations_pb2.GetOperationRequest(name=op.name)
         await first_results(stubs, get)
+        await support.eventually(lambda: ranges.active, within=5, what="ranges in flight")
         await stubs.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
         done = await wait_done(stubs, op.name, within=10)
         meta = metadata_of(done)
@@ -102,7 +107,8 @@ async def test_cancel_while_worker_processes_run_ranges_counts_each_result_once(
         assert 0 < stats.successful_request_count < N
         assert stats.successful_request_count + stats.cancelled_request_count == N
 
-        await asyncio.sleep(0.6)  # ranges still in the workers try to commit now
+        # Every range still in a worker at the cancel has tried to commit by now.
+        await support.eventually(lambda: ranges.active == 0, within=10, what="the ranges in flight ended")
         assert metadata_of(await stubs.ops.GetOperation(get)).batch_stats == stats
         results = await streamed(stubs, op.name)
         assert [r.index for r in results] == list(range(N))
