@@ -150,9 +150,13 @@ async def test_a_draft_is_dropped_with_its_bytes_when_the_batch_fails_or_the_ser
         await store.close_batch("fails", State.FAILED, None, ItemStatus.CANCELLED)
         failed = await store.get_batch(None, "fails")
         assert failed is not None
+        dropping = outputs._drafts["fails"].task
         assert await outputs.write_if_large(failed) is None
         await outputs.close()
-        await asyncio.sleep(0.1)  # a cancelled draft drops its file once its task ends
+        # A discarded draft drops its file in its task's done callback, added
+        # before this wait's own: so it has run once the wait is over.
+        await asyncio.wait_for(asyncio.gather(dropping, return_exceptions=True), 10)
+        assert dropping.done()
         assert list((tmp_path / "files" / ".tmp").iterdir()) == []
         assert outputs._drafts == {}
     finally:
