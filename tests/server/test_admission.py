@@ -11,7 +11,11 @@ from google.rpc import code_pb2
 from longbatch.server.admission import Admission, ModelGate
 from longbatch.server.retry import Backoff
 
+from support import eventually
+
 FAST = Backoff(initial_s=0.02, max_s=0.08, jitter=0.0)
+EARLY = 0.001
+"""How early the loop may run a timer: it runs those due within its clock's resolution."""
 
 
 def gate(max_concurrency: int = 4, outage_timeout_s: float = 60.0, probes: Backoff = FAST) -> ModelGate:
@@ -132,28 +136,37 @@ async def test_an_outage_pauses_probes_one_at_a_time_and_resumes(caplog: pytest.
     g = gate(4)
     loop = asyncio.get_running_loop()
     seen = fill(g, 4)
+    paused_at = loop.time()
     for s in seen:
         assert g.unreachable(s, loop.time(), code_pb2.UNAVAILABLE, "model server unreachable: refused", False)
     assert g.paused and g.in_flight == 0 and not g.enter()
     assert "unreachable since" in g.waiting_reason and "refused" in g.waiting_reason
     results: list[Admission] = []
+    admitted_at: list[float] = []
 
     async def waiter() -> Admission:
         a = await g.wait()
         results.append(a)
+        admitted_at.append(loop.time())
         return a
 
     tasks = [asyncio.create_task(waiter()) for _ in range(4)]
-    await asyncio.sleep(0.01)
-    assert results == []  # the first probe waits its backoff
-    await asyncio.sleep(0.03)
+
+    async def next_admission() -> None:
+        await asyncio.wait([t for t in tasks if not t.done()], timeout=5, return_when=asyncio.FIRST_COMPLETED)
+
+    # When each probe went out, not what a look at a fixed moment saw: a
+    # loaded machine only makes the wait longer, never shorter.
+    await next_admission()
     assert results == [Admission.PROBE] and g.in_flight == 1
-    # The probe fails too: the next one comes after a longer wait (0.04 s).
+    assert admitted_at[0] >= paused_at + 0.02 - EARLY  # the first probe waited its backoff
+    # The probe fails too: the next one comes after a longer wait (0.04 s),
+    # and no call in between (a probe was out, then none was due).
+    failed_at = loop.time()
     assert g.unreachable(g.answered, loop.time(), code_pb2.UNAVAILABLE, "still refused", probe=True)
-    await asyncio.sleep(0.02)
-    assert results == [Admission.PROBE]
-    await asyncio.sleep(0.04)
+    await next_admission()
     assert results == [Admission.PROBE, Admission.PROBE]
+    assert admitted_at[1] >= failed_at + 0.04 - EARLY
     g.ok()  # the second probe got through
     await settle()
     assert not g.paused and g.waiting_reason == ""
@@ -178,8 +191,10 @@ async def test_an_error_answer_ends_the_pause() -> None:
 
 
 async def test_waiting_calls_give_up_after_outage_timeout_and_probing_goes_on() -> None:
-    # Probes at 0.05 s and 0.10 s, the timeout at 0.15 s from the outage's start.
-    g = gate(2, outage_timeout_s=0.15, probes=Backoff(initial_s=0.05, max_s=0.05, jitter=0.0))
+    # Probes at 0.05 s and 0.10 s, the timeout at 0.5 s from the outage's
+    # start: the second probe is out when it passes, unless the loop stalls
+    # for 0.4 s.
+    g = gate(2, outage_timeout_s=0.5, probes=Backoff(initial_s=0.05, max_s=0.05, jitter=0.0))
     loop = asyncio.get_running_loop()
     started = loop.time()
     for s in fill(g, 2):
@@ -188,19 +203,23 @@ async def test_waiting_calls_give_up_after_outage_timeout_and_probing_goes_on() 
     assert await asyncio.wait_for(waiters[0], 1) is Admission.PROBE
     assert g.unreachable(g.answered, loop.time(), code_pb2.DEADLINE_EXCEEDED, "did not answer", True)
     assert await asyncio.wait_for(waiters[1], 1) is Admission.PROBE
-    await asyncio.sleep(max(0.0, started + 0.17 - loop.time()))
-    assert "outlasted outage_timeout" in g.waiting_reason
+    await eventually(lambda: "outlasted outage_timeout" in g.waiting_reason, within=5, what="the outage timeout",
+                     every=0.01)
+    assert loop.time() >= started + 0.5 - EARLY
     # Past the timeout, but a probe is out: the others wait for its verdict.
     assert not waiters[2].done() and not waiters[3].done()
     assert g.unreachable(g.answered, loop.time(), code_pb2.DEADLINE_EXCEEDED, "did not answer", True)
+    # Between probes a newcomer gives up at once (no await came between that
+    # verdict and this call, so the next probe cannot be due yet)...
+    assert await g.wait() is Admission.GAVE_UP
     assert await asyncio.wait_for(asyncio.gather(*waiters[2:]), 1) == [Admission.GAVE_UP, Admission.GAVE_UP]
     code, message = g.outage_error()
     assert code == code_pb2.DEADLINE_EXCEEDED
     assert message.startswith("did not answer (the model's backend has been unreachable for")
-    assert "outage_timeout 0.15s" in message
-    # Between probes a newcomer gives up at once; the next probe goes out
-    # with the next newcomer, and whoever comes meanwhile waits for it.
-    assert await g.wait() is Admission.GAVE_UP
+    assert "outage_timeout 0.5s" in message
+    # ... the next probe goes out with the next newcomer once it is due (on
+    # the loop's clock a sleep past 0.05 s ends after that timer has run),
+    # and whoever comes meanwhile waits for it.
     await asyncio.sleep(0.06)
     assert await g.wait() is Admission.PROBE
     after = asyncio.create_task(g.wait())

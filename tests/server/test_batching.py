@@ -11,6 +11,8 @@ from google.rpc import code_pb2
 from longbatch.server.backends.base import BackendError
 from longbatch.server.backends.batching import MicroBatcher
 
+from support import eventually
+
 
 class Recorder:
     """A ``run_many`` that records its groups and can be held open."""
@@ -76,8 +78,10 @@ async def test_one_group_in_flight_while_the_next_gathers() -> None:
     await asyncio.wait_for(run.started.wait(), 5)
     # 20 more arrive while the first group runs: they wait, then go as 8, 8, 4.
     rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 21)]
-    await asyncio.sleep(0.05)
-    assert run.groups == [[0]]
+    # Each has been submitted and found no free slot: no group went, and no
+    # timer is armed that could send one later; only the release can.
+    await eventually(lambda: len(batcher._pending) == 20, within=5, what="all 20 gathering", every=0)
+    assert run.groups == [[0]] and batcher._timer is None
     run.release.set()
     results = await gather_bounded(first, *rest)
     assert results == [i * 10 for i in range(21)]
@@ -90,8 +94,8 @@ async def test_unlimited_in_flight_runs_groups_concurrently() -> None:
     run.release.clear()
     batcher = MicroBatcher(run, max_size=2, max_wait_s=30.0)
     waiters = [asyncio.ensure_future(batcher.submit(i)) for i in range(6)]
-    await asyncio.sleep(0.05)
-    assert run.running == 3
+    await eventually(lambda: run.running == 3, within=5, what="three groups running at once", every=0)
+    assert not batcher._pending  # all six are in those three groups: there is no fourth
     run.release.set()
     assert await gather_bounded(*waiters) == [0, 10, 20, 30, 40, 50]
 
@@ -188,7 +192,9 @@ async def test_aclose_finishes_running_groups_and_fails_the_rest() -> None:
     gathering = asyncio.ensure_future(batcher.submit(7))
     await asyncio.sleep(0)
     closing = asyncio.ensure_future(batcher.aclose())
-    await asyncio.sleep(0.01)
+    # aclose fails what gathers before it waits for the groups under way: once
+    # `gathering` failed, aclose is at that wait, or would have returned.
+    await asyncio.wait_for(asyncio.wait([gathering]), 5)
     assert not closing.done()  # it waits for the group under way
     run.release.set()
     await asyncio.wait_for(closing, 5)
@@ -207,10 +213,20 @@ async def test_aclose_cancels_the_timer() -> None:
     batcher = MicroBatcher(run, max_size=10, max_wait_s=0.05)
     waiter = asyncio.ensure_future(batcher.submit(1))
     await asyncio.sleep(0)
+    timer = batcher._timer
+    assert timer is not None
     await batcher.aclose()
     with pytest.raises(BackendError):
         await waiter
-    await asyncio.sleep(0.1)  # past max_wait: nothing runs
+    assert timer.cancelled()
+    # Past the moment it was due: a callback of ours due then has run, and a
+    # group it would have started has had a turn to reach run_many.
+    loop = asyncio.get_running_loop()
+    due = loop.create_future()
+    loop.call_at(timer.when(), due.set_result, None)
+    await asyncio.wait_for(due, 5)
+    for _ in range(3):
+        await asyncio.sleep(0)
     assert run.groups == []
 
 

@@ -14,6 +14,8 @@ from aiohttp import web
 
 from longbatch.server.backends.h1 import ConnectError, ConnectionLost, H1Pool, ProtocolError
 
+from support import eventually
+
 HOST = "127.0.0.1"
 RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -25,6 +27,8 @@ class Counting:
         self.peers: set[object] = set()
         self.open_now = 0
         self.most_open = 0
+        self.slow_started = asyncio.Event()
+        """Set once a call reached /slow: it is under way, on its connection."""
         self.app = web.Application()
         self.app.router.add_post("/v1/echo", self.echo)
         self.app.router.add_post("/v1/chunked", self.chunked)
@@ -58,6 +62,7 @@ class Counting:
         return web.Response(body=b"bye", headers={"Connection": "close"})
 
     async def slow(self, request: web.Request) -> web.Response:
+        self.slow_started.set()
         await asyncio.sleep(30)
         return web.Response(body=b"late")
 
@@ -158,27 +163,31 @@ async def test_chunked_answers_and_connection_close() -> None:
 
 
 async def test_a_keep_alive_connection_the_server_closed_is_retried_once_on_a_fresh_one() -> None:
-    connections = 0
+    seen: list[tuple[int, bytes]] = []
 
     async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        body = await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        await writer.drain()
-        await asyncio.sleep(0.05)  # keep-alive promised, then closed while idle
-        writer.close()
+        connection = 1 + len({c for c, _ in seen})
+        while True:
+            body = await read_request(reader)
+            seen.append((connection, body))
+            if connection == 1 and len(seen) == 2:
+                # The keep-alive race, made certain: keep-alive was promised,
+                # and the server closes the idle connection just as the next
+                # request arrives on it, without a byte of an answer.
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
 
     async with serve_raw(answer_then_close) as port:
         pool = H1Pool(f"http://{HOST}:{port}", max_connections=1)
         head = pool.head("POST", "/x", {})
         try:
             assert (await pool.request(head, b"one")).body == b"one"
-            await asyncio.sleep(0.2)
             assert (await pool.request(head, b"two")).body == b"two"
         finally:
             await pool.aclose()
-    assert connections == 2
+    assert seen == [(1, b"one"), (1, b"two"), (2, b"two")]
 
 
 async def test_an_answer_cut_off_midway_is_connection_lost_not_retried() -> None:
@@ -259,7 +268,7 @@ async def test_a_cancelled_call_drops_its_connection_and_frees_its_slot() -> Non
         pool = H1Pool(f"http://{HOST}:{port}/v1", max_connections=1)
         try:
             task = asyncio.create_task(pool.request(pool.head("POST", "/slow", {}), b""))
-            await asyncio.sleep(0.1)
+            await asyncio.wait_for(fake.slow_started.wait(), 5)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -297,9 +306,10 @@ async def test_close_fails_waiters_and_later_calls() -> None:
     async with serve_app(fake.app) as port:
         pool = H1Pool(f"http://{HOST}:{port}/v1", max_connections=1)
         slow = asyncio.create_task(pool.request(pool.head("POST", "/slow", {}), b""))
-        await asyncio.sleep(0.1)
+        await asyncio.wait_for(fake.slow_started.wait(), 5)
         waiting = asyncio.create_task(pool.request(pool.head("POST", "/echo", {}), b""))
-        await asyncio.sleep(0.05)
+        # Queued for the one connection, which /slow holds.
+        await eventually(lambda: pool._waiters, within=5, what="the second call waiting", every=0)
         await pool.aclose()
         with pytest.raises(ConnectionLost):
             await slow
