@@ -184,8 +184,10 @@ async def test_a_backend_down_past_outage_timeout_fails_the_waiting_requests(
     assert len(messages(caplog, "after outage_timeout")) == 1
     # It comes back: probing went on, and once the next probe is due (at
     # most probe_max after the last one failed) the next batch runs as usual.
+    # Before then a newcomer would give up at once, past outage_timeout, so
+    # wait for that timer rather than a time meant to outlast it.
     await fake.come_back()
-    await asyncio.sleep(0.35)
+    await until(lambda: server.gate._probe_ready or not server.gate.paused, 5, "the next probe due")
     name = await server.submit(20)
     op = await wait_done(server.stubs, name, within=10)
     assert metadata_of(op).batch_stats.successful_request_count == 20
