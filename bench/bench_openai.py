@@ -167,6 +167,19 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def settle(pid: int, within: float = 15.0) -> None:
+    """Wait until a freshly started server and its worker processes stop using CPU (their imports
+    and start-up are not the batch's work), or ``within`` seconds."""
+    deadline = time.monotonic() + within
+    last = tree_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = tree_cpu_s(pid)
+        if now - last < 0.02:
+            return
+        last = now
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 now (for a server that cannot bind port 0 and say which it got)."""
     with socket.socket() as s:
@@ -258,6 +271,7 @@ async def run_longbatch(args: argparse.Namespace, base_url: str, model: str, inp
     lb, target = start_longbatch(data_dir, work / "longbatch.log", config)
     deadline = Deadline(args.budget, "the longbatch run")
     try:
+        settle(lb.pid)
         server_cpu0 = proc_cpu_s(server.pid) or 0.0
         cpu0 = tree_cpu_s(lb.pid)
         t0 = time.perf_counter()
