@@ -2,15 +2,29 @@
 
 Library code never reads the environment; `longbatch serve` resolves flags and
 ``LONGBATCH_*`` variables and passes the result here.
+
+The TOML's shape is declared once as msgspec structs (``_ConfigFile`` and the
+``_*Table`` classes below): msgspec checks every type strictly (no ``"3"``
+for 3, no ``true`` for 1), refuses unknown keys and reports the path of the
+first bad value, which :func:`config_from_dict` words as one line, e.g.
+``models[2].max_concurrency: expected int, got str`` or ``unknown key
+limits.foo (known: …)``. Rules that span keys (one identity per
+``[[tls_clients]]`` table, names listed once) are checked after. The public
+dataclasses stay plain: callers never see msgspec.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
+import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from .netguard import normalize_allow_entry
 
@@ -25,33 +39,72 @@ class ConfigError(ValueError):
     """The config file is missing, not TOML, or holds a bad value."""
 
 
-def parse_duration(value: str | int | float, what: str) -> float:
-    """Parse ``"50ms"``, ``"24h"`` or a number of seconds into seconds."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{what}: expected a duration like '30s', got {value!r}")
-    if isinstance(value, int | float):
+def _shown(value: object) -> str:
+    """A bad value as an error shows it: scalars as written, containers by kind
+    (a whole table in a message helps no one and may hold a secret)."""
+    if isinstance(value, str | int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "a list"
+    return "a table" if isinstance(value, dict) else type(value).__name__
+
+
+def _seconds(value: object) -> float:
+    """``"50ms"``, ``"24h"`` or a number of seconds, in seconds.
+
+    Raises:
+        ValueError: not a duration, or negative; the message names no key.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
-    else:
-        m = _DURATION.match(value)
-        if not m:
-            raise ConfigError(f"{what}: expected a duration like '50ms', '30s', '24h', got {value!r}")
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like '50ms', '30s', '24h', got {_shown(value)}")
     if seconds < 0:
-        raise ConfigError(f"{what}: must not be negative")
+        raise ValueError("must not be negative")
     return seconds
 
 
-def parse_size(value: str | int, what: str) -> int:
-    """Parse ``"4MiB"`` or a number of bytes into bytes."""
+def _bytes(value: object) -> int:
+    """``"4MiB"`` or a number of bytes, in bytes.
+
+    Raises:
+        ValueError: not a size, or negative; the message names no key.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         size = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):
         size = int(m.group(1)) * _SIZE_UNITS[m.group(2)]
     else:
-        raise ConfigError(f"{what}: expected a size like '4MiB', got {value!r}")
+        raise ValueError(f"expected a size like '4MiB', got {_shown(value)}")
     if size < 0:
-        raise ConfigError(f"{what}: must not be negative")
+        raise ValueError("must not be negative")
     return size
+
+
+def parse_duration(value: str | int | float, what: str) -> float:
+    """Parse ``"50ms"``, ``"24h"`` or a number of seconds into seconds.
+
+    Raises:
+        ConfigError: ``"{what}: expected a duration like …"`` or ``"{what}: must not be negative"``.
+    """
+    try:
+        return _seconds(value)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
+
+
+def parse_size(value: str | int, what: str) -> int:
+    """Parse ``"4MiB"`` or a number of bytes into bytes.
+
+    Raises:
+        ConfigError: ``"{what}: expected a size like …"`` or ``"{what}: must not be negative"``.
+    """
+    try:
+        return _bytes(value)
+    except ValueError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -255,12 +308,6 @@ class TenantConfig:
     """Its share of each model against the other tenants with work there, 1 to 1000 (1)."""
 
 
-# Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
-# high limit lets one commit carry hundreds of results. A local embedding
-# model groups the requests in flight into encode calls of up to group_size
-# (256 by default) texts, so fewer in flight than that makes smaller groups.
-_DEFAULT_CONCURRENCY = {"echo": 1024, "sentence-transformers": 256}
-
 DEFAULT_MODELS = (
     ModelConfig(name="models/echo", backend="echo", max_concurrency=1024, display_name="Echo (test model)"),
     ModelConfig(name="models/echo-slow", backend="echo", max_concurrency=16, latency_s=0.05,
@@ -297,161 +344,360 @@ class ServerConfig:
     files, the echo model); 0 keeps that work in the server process."""
 
 
-def _get(table: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = table[key]
-    # bool is an int subclass, but `max_concurrency = true` is a mistake.
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {type(value).__name__}")
-    return value
+# -- the TOML's shape ------------------------------------------------------------------
+#
+# Field names are the dataclasses' (``batch_ttl_s``), ``name=`` the TOML key
+# (``batch_ttl``). A key left out is UNSET, so that its default is written
+# once, in the dataclass above, and a [[quotas.tenants]] table can tell a key
+# it leaves out (taken from [quotas]) from one it sets.
 
 
-_MAX_WEIGHT = 1000
+class _Duration(float):
+    """A duration key: seconds, or a string like ``"50ms"``, ``"30s"``, ``"24h"``, ``"30d"``."""
 
 
-def _tenants(tables: Any) -> tuple[TenantConfig, ...]:
-    """The ``[[tenants]]`` tables: a name and a scheduling weight each."""
-    if not isinstance(tables, list):
-        raise ConfigError("tenants: expected [[tenants]] tables")
-    tenants: list[TenantConfig] = []
-    for i, t in enumerate(tables):
-        where = f"tenants[{i}]"
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where}: expected a table")
-        if unknown := set(t) - {"name", "weight"}:
-            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
-        if "name" not in t or not _get(t, "name", str, where):
-            raise ConfigError(f"{where}.name is required")
-        weight = _get(t, "weight", int, where) if "weight" in t else 1
-        # A turn is weight x chunk requests (up to 512 per chunk): capped so
-        # that the other tenants still get theirs within seconds.
-        if not 1 <= weight <= _MAX_WEIGHT:
-            raise ConfigError(f"{where}.weight must be between 1 and {_MAX_WEIGHT}")
-        tenants.append(TenantConfig(name=t["name"], weight=weight))
-    if len({t.name for t in tenants}) != len(tenants):
-        raise ConfigError("tenants: a tenant is listed twice")
-    return tuple(tenants)
+class _PositiveDuration(_Duration):
+    """A duration that must be more than zero (a wait of zero would spin)."""
+
+
+class _Size(int):
+    """A size key: bytes, or a string like ``"4MiB"``."""
+
+
+class _Quota:
+    """A quota's limit: a count, or ``"unlimited"`` (``limit`` None)."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+
+
+class _QuotaSize(_Quota):
+    """A quota's limit in bytes: a size, or ``"unlimited"``."""
+
+
+def _decode(kind: type, value: Any) -> Any:
+    """msgspec's hook for the custom key types above. A ValueError's message
+    becomes the error, msgspec adding where it was."""
+    if kind is _PositiveDuration or kind is _Duration:
+        seconds = _seconds(value)
+        if not math.isfinite(seconds):  # a TTL of inf would overflow every timestamp it is added to
+            raise ValueError(f"expected a duration like '50ms', '30s', '24h', got {_shown(value)}")
+        if kind is _PositiveDuration and seconds <= 0:
+            raise ValueError("must be positive")
+        return kind(seconds)
+    if kind is _Size:
+        return _Size(_bytes(value))
+    if issubclass(kind, _Quota):
+        if value == "unlimited":
+            return kind(None)
+        if kind is _QuotaSize:
+            if not isinstance(value, int | str) or isinstance(value, bool) or (
+                    isinstance(value, str) and not _SIZE.match(value)):
+                raise ValueError(f"expected a size like '4MiB' or \"unlimited\", got {_shown(value)}")
+            return kind(_bytes(value))
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"expected a number or \"unlimited\", got {_shown(value)}")
+        if value < 0:
+            raise ValueError("must not be negative (0 allows none; \"unlimited\" lifts the limit)")
+        return kind(value)
+    raise NotImplementedError(kind)
+
+
+_AtLeast1 = Annotated[int, Meta(ge=1)]
+_Text = Annotated[str, Meta(min_length=1)]
+"""A string that must not be empty (a name, a key)."""
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A TOML table of the config: unknown keys are refused."""
+
+
+class _LimitsTable(_Table):
+    max_inlined_requests: int | UnsetType = UNSET
+    max_create_bytes: _Size | UnsetType = UNSET
+    max_request_bytes: _Size | UnsetType = UNSET
+    max_inline_output: _Size | UnsetType = UNSET
+    max_file_bytes: _Size | UnsetType = UNSET
+    max_file_lines: int | UnsetType = UNSET
+    batch_ttl_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="batch_ttl")
+    file_ttl_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="file_ttl")
+    request_id_ttl_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="request_id_ttl")
+    retention_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="retention")
+
+
+class _ModelTable(_Table, forbid_unknown_fields=False):
+    """A [[models]] table; its other keys are the backend's options, which
+    the backend checks (server/backends)."""
+
+    name: str
+    backend: str | UnsetType = UNSET
+    max_concurrency: _AtLeast1 | UnsetType = UNSET
+    latency_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="latency")
+    display_name: str | UnsetType = UNSET
+
+
+class _ApiKeyTable(_Table):
+    key: _Text
+    tenant: _Text
+
+    def __repr__(self) -> str:  # keys must never reach a log, not even half-read ones
+        return f"_ApiKeyTable(key='***', tenant={self.tenant!r})"
+
+
+class _TlsClientTable(_Table):
+    tenant: _Text
+    subject_cn: _Text | UnsetType = UNSET
+    san_uri: _Text | UnsetType = UNSET
+    san_dns: _Text | UnsetType = UNSET
+
+
+class _TenantTable(_Table):
+    name: _Text
+    # A turn is weight x chunk requests (up to 512 per chunk): capped so
+    # that the other tenants still get theirs within seconds.
+    weight: Annotated[int, Meta(ge=1, le=1000)] | UnsetType = UNSET
+
+
+class _ExecutorTable(_Table):
+    max_attempts: _AtLeast1 | UnsetType = UNSET
+    backoff_initial_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="backoff_initial")
+    backoff_max_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="backoff_max")
+    request_timeout_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="request_timeout")
+    outage_timeout_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="outage_timeout")
+    # Probes without a wait would hammer a server that is down.
+    probe_initial_s: _PositiveDuration | UnsetType = msgspec.field(default=UNSET, name="probe_initial")
+    probe_max_s: _PositiveDuration | UnsetType = msgspec.field(default=UNSET, name="probe_max")
+
+
+class _WebhooksTable(_Table):
+    secret: str | UnsetType = UNSET
+    max_attempts: _AtLeast1 | UnsetType = UNSET
+    initial_backoff_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="initial_backoff")
+    max_backoff_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="max_backoff")
+    timeout_s: _PositiveDuration | UnsetType = msgspec.field(default=UNSET, name="timeout")
+    max_concurrency: _AtLeast1 | UnsetType = UNSET
+    allow: list[str] | UnsetType = UNSET
+    """Checked and normalized by netguard after."""
+
+    def __repr__(self) -> str:  # a signing key must never reach a log
+        return "_WebhooksTable(...)"
+
+
+class _ServerTable(_Table):
+    grace_period_s: _Duration | UnsetType = msgspec.field(default=UNSET, name="grace_period")
+    workers: Annotated[int, Meta(ge=0, le=16)] | UnsetType = UNSET
+
+
+class _QuotaKeys(_Table):
+    max_stored_bytes: _QuotaSize | UnsetType = UNSET
+    max_files: _Quota | UnsetType = UNSET
+    max_unfinished_batches: _Quota | UnsetType = UNSET
+    max_pending_requests: _Quota | UnsetType = UNSET
+    max_creates: _Quota | UnsetType = UNSET
+    create_window_s: _PositiveDuration | UnsetType = msgspec.field(default=UNSET, name="create_window")
+
+
+class _QuotaTenantTable(_QuotaKeys, kw_only=True):  # (mypy does not see kw_only inherited)
+    name: _Text
+
+
+class _QuotasTable(_QuotaKeys):
+    tenants: list[_QuotaTenantTable] = msgspec.field(default_factory=list)
+
+
+class _ConfigFile(_Table):
+    limits: _LimitsTable = msgspec.field(default_factory=_LimitsTable)
+    models: list[_ModelTable] = msgspec.field(default_factory=list)
+    api_keys: list[_ApiKeyTable] = msgspec.field(default_factory=list)
+    webhooks: _WebhooksTable = msgspec.field(default_factory=_WebhooksTable)
+    executor: _ExecutorTable = msgspec.field(default_factory=_ExecutorTable)
+    server: _ServerTable = msgspec.field(default_factory=_ServerTable)
+    tenants: list[_TenantTable] = msgspec.field(default_factory=list)
+    tls_clients: list[_TlsClientTable] = msgspec.field(default_factory=list)
+    quotas: _QuotasTable | UnsetType = UNSET
+    """UNSET (no [quotas]) differs from an empty one: see QuotaSettings.defaults."""
+
+
+_ARRAYS_OF_TABLES = {"models", "api_keys", "tenants", "tls_clients", "quotas.tenants"}
+"""Keys written ``[[key]]``: a ``[key]`` there gets a hint of the brackets."""
+
+
+# -- msgspec's errors in the config's words --------------------------------------------
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_TYPE_NAMES = {"object": "a table", "array": "a list"}
+"""msgspec speaks JSON; TOML calls an object a table."""
+_CONSTRAINTS = [
+    (re.compile(r"^Expected `\w+` >= 0$"), "must not be negative"),
+    (re.compile(r"^Expected `\w+` >= (.+)$"), "must be at least {}"),
+    (re.compile(r"^Expected `\w+` <= (.+)$"), "must be at most {}"),
+    (re.compile(r"^Expected `str` of length >= 1$"), "must not be empty"),
+]
+
+
+def _struct_of(kind: Any) -> Any:
+    """The struct a field holds: itself, or the items of a list of them."""
+    for arg in (kind, *typing.get_args(kind)):
+        if isinstance(arg, type) and issubclass(arg, msgspec.Struct):
+            return arg
+    return None
+
+
+def _schema_at(path: str) -> Any:
+    """The declared type at ``path`` (``quotas.tenants[0].name``), None if unknown."""
+    kind: Any = _ConfigFile
+    for part in re.sub(r"\[\d+\]", "", path).split(".") if path else ():
+        table = _struct_of(kind)
+        if table is None:
+            return None
+        kind = {f.encode_name: f.type for f in msgspec.structs.fields(table)}.get(part)
+    return kind
+
+
+def _known_keys(path: str) -> list[str]:
+    """The keys the table at ``path`` may hold."""
+    table = _struct_of(_schema_at(path))
+    return sorted(f.encode_name for f in msgspec.structs.fields(table)) if table is not None else []
+
+
+def _range(path: str) -> tuple[int, int] | None:
+    """The ``ge``..``le`` range declared for the number at ``path``, if both are:
+    "must be between 1 and 1000" says more than msgspec's one broken bound."""
+    for arg in typing.get_args(_schema_at(path)):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, Meta) and meta.ge is not None and meta.le is not None:
+                return int(meta.ge), int(meta.le)
+    return None
+
+
+def _config_error(error: msgspec.ValidationError) -> ConfigError:
+    """msgspec's ``Expected `int`, got `str` - at `$.models[2].max_concurrency```
+    as ``models[2].max_concurrency: expected int, got str``: the TOML path
+    first, the words a TOML user knows."""
+    m = _AT.match(str(error))
+    assert m is not None  # the pattern matches any text
+    what, path = m["what"], (m["path"] or "").removeprefix(".")
+    where = path or "config"
+    if unknown := re.fullmatch(r"Object contains unknown field `(.*)`", what):
+        known = _known_keys(path)
+        hint = f" (known: {', '.join(known)})" if known else ""
+        return ConfigError(f"unknown key {path + '.' if path else ''}{unknown[1]}{hint}")
+    if missing := re.fullmatch(r"Object missing required field `(.*)`", what):
+        return ConfigError(f"{path + '.' if path else ''}{missing[1]} is required")
+    if kinds := re.fullmatch(r"Expected `([^`]+)`, got `([^`]+)`", what):
+        expected, got = (_TYPE_NAMES.get(k, k) for k in kinds.groups())
+        if path in _ARRAYS_OF_TABLES and kinds[1] == "array":
+            expected = f"[[{path}]] tables"
+        return ConfigError(f"{where}: expected {expected}, got {got}")
+    if what.startswith("Expected `int` ") and (bounds := _range(path)):
+        return ConfigError(f"{where}: must be between {bounds[0]} and {bounds[1]}")
+    for pattern, words in _CONSTRAINTS:
+        if c := pattern.fullmatch(what):
+            return ConfigError(f"{where}: {words.format(*c.groups())}")
+    # Our own hook's messages ("expected a duration like …"), and any msgspec
+    # wording not met above, as they are.
+    return ConfigError(f"{where}: {what}")
+
+
+def _given(table: msgspec.Struct, *leave_out: str) -> dict[str, Any]:
+    """The keys ``table`` sets, by dataclass field name, as plain values."""
+    given: dict[str, Any] = {}
+    for name in table.__struct_fields__:
+        value = getattr(table, name)
+        if value is UNSET or name in leave_out:
+            continue
+        if isinstance(value, _Duration):
+            value = float(value)
+        elif isinstance(value, _Size):
+            value = int(value)
+        elif isinstance(value, _Quota):
+            value = value.limit
+        given[name] = value
+    return given
+
+
+# -- from the parsed TOML to the dataclasses -------------------------------------------
+
+# Echo answers in bulk, a chunk of a quarter of its concurrency per call: a
+# high limit lets one commit carry hundreds of results. A local embedding
+# model groups the requests in flight into encode calls of up to group_size
+# (256 by default) texts, so fewer in flight than that makes smaller groups.
+_DEFAULT_CONCURRENCY = {"echo": 1024, "sentence-transformers": 256}
+_MODEL_NAME = re.compile(r"models/[a-z0-9][a-z0-9._-]{0,62}")
+_MODEL_KEYS = frozenset(f.encode_name for f in msgspec.structs.fields(_ModelTable))
 
 
 def config_from_dict(data: dict[str, Any]) -> ServerConfig:
-    """Build a ServerConfig from parsed TOML, rejecting unknown keys."""
-    known = {"limits", "models", "api_keys", "webhooks", "executor", "server", "tenants", "tls_clients", "quotas"}
-    if unknown := set(data) - known:
-        raise ConfigError(f"unknown config sections: {', '.join(sorted(unknown))}")
-    lim = data.get("limits", {})
-    kw: dict[str, Any] = {}
-    for key, value in lim.items():
-        if key in ("max_inlined_requests", "max_file_lines"):
-            kw[key] = _get(lim, key, int, "limits")
-        elif key in ("max_inline_output", "max_create_bytes", "max_request_bytes", "max_file_bytes"):
-            kw[key] = parse_size(value, f"limits.{key}")
-        elif key in ("batch_ttl", "file_ttl", "request_id_ttl", "retention"):
-            kw[f"{key}_s"] = parse_duration(value, f"limits.{key}")
-        else:
-            raise ConfigError(f"unknown key limits.{key}")
-    limits = Limits(**kw)
+    """Build a ServerConfig from parsed TOML, rejecting unknown keys.
 
-    models: list[ModelConfig] = []
-    for i, m in enumerate(data.get("models", [])):
-        where = f"models[{i}]"
-        if "name" not in m:
-            raise ConfigError(f"{where}.name is required")
-        name = _get(m, "name", str, where)
-        if not re.fullmatch(r"models/[a-z0-9][a-z0-9._-]{0,62}", name):
-            raise ConfigError(f"{where}.name must look like 'models/my-model', got {name!r}")
-        extra = {k: v for k, v in m.items() if k not in ("name", "backend", "max_concurrency", "latency",
-                                                         "display_name")}
-        models.append(ModelConfig(
-            name=name,
-            backend=_get(m, "backend", str, where) if "backend" in m else "echo",
-            max_concurrency=(_get(m, "max_concurrency", int, where) if "max_concurrency" in m
-                             else _DEFAULT_CONCURRENCY.get(m.get("backend"), 64)),
-            latency_s=parse_duration(m["latency"], f"{where}.latency") if "latency" in m else 0.0,
-            display_name=_get(m, "display_name", str, where) if "display_name" in m else "",
-            options=extra,
-        ))
-        if models[-1].max_concurrency < 1:
-            raise ConfigError(f"{where}.max_concurrency must be at least 1")
-    if len({m.name for m in models}) != len(models):
-        raise ConfigError("models: duplicate model names")
-
-    keys = []
-    for i, k in enumerate(data.get("api_keys", [])):
-        where = f"api_keys[{i}]"
-        if "key" not in k or "tenant" not in k:
-            raise ConfigError(f"{where}: needs key and tenant")
-        keys.append(ApiKey(key=_get(k, "key", str, where), tenant=_get(k, "tenant", str, where)))
-        if not keys[-1].key or not keys[-1].tenant:
-            raise ConfigError(f"{where}: key and tenant must not be empty")
-    if len({k.key for k in keys}) != len(keys):
-        raise ConfigError("api_keys: duplicate keys")
-
-    hooks = data.get("webhooks", {})
-    secret = _get(hooks, "secret", str, "webhooks") if "secret" in hooks else ""
-    webhooks = _webhook_settings(hooks)
-
-    ex = data.get("executor", {})
-    ex_kw: dict[str, Any] = {}
-    for key, value in ex.items():
-        if key == "max_attempts":
-            ex_kw[key] = _get(ex, key, int, "executor")
-            if ex_kw[key] < 1:
-                raise ConfigError("executor.max_attempts must be at least 1")
-        elif key in ("backoff_initial", "backoff_max", "request_timeout", "outage_timeout", "probe_initial",
-                     "probe_max"):
-            ex_kw[f"{key}_s"] = parse_duration(value, f"executor.{key}")
-            if key.startswith("probe_") and ex_kw[f"{key}_s"] <= 0:
-                # Probes without a wait would hammer a server that is down.
-                raise ConfigError(f"executor.{key} must be positive")
-        else:
-            raise ConfigError(f"unknown key executor.{key}")
-
-    srv = data.get("server", {})
-    grace = parse_duration(srv["grace_period"], "server.grace_period") if "grace_period" in srv else 10.0
-    workers = _get(srv, "workers", int, "server") if "workers" in srv else 2
-    if not 0 <= workers <= 16:
-        raise ConfigError("server.workers must be between 0 and 16")
-    tls_clients = _tls_clients(data.get("tls_clients", []))
+    Raises:
+        ConfigError: one line naming the first bad key by its path.
+    """
+    try:
+        raw = msgspec.convert(data, _ConfigFile, strict=True, dec_hook=_decode)
+    except msgspec.ValidationError as e:
+        raise _config_error(e) from None
+    hooks = _given(raw.webhooks, "secret", "allow")
+    if raw.webhooks.allow is not UNSET:
+        hooks["allow"] = _webhook_allow(raw.webhooks.allow)
     return ServerConfig(
-        tls_clients=tls_clients,
-        models=tuple(models) if models else DEFAULT_MODELS,
-        api_keys=tuple(keys),
-        tenants=_tenants(data.get("tenants", [])),
-        limits=limits,
-        executor=ExecutorSettings(**ex_kw),
-        webhook_secret=secret,
-        webhooks=webhooks,
-        grace_period_s=grace,
-        workers=workers,
-        quotas=_quota_settings(data),
+        models=_models(raw.models, data.get("models", [])) or DEFAULT_MODELS,
+        api_keys=_api_keys(raw.api_keys),
+        tenants=_tenants(raw.tenants),
+        limits=Limits(**_given(raw.limits)),
+        executor=ExecutorSettings(**_given(raw.executor)),
+        webhook_secret="" if isinstance(raw.webhooks.secret, UnsetType) else raw.webhooks.secret,
+        webhooks=WebhookSettings(**hooks),
+        tls_clients=_tls_clients(raw.tls_clients),
+        quotas=_quota_settings(raw.quotas),
+        **_given(raw.server),
     )
 
 
-def _webhook_settings(hooks: dict[str, Any]) -> WebhookSettings:
-    """The ``[webhooks]`` table less its ``secret``."""
-    kw: dict[str, Any] = {}
-    for key, value in hooks.items():
-        if key == "secret":
-            continue
-        if key in ("max_attempts", "max_concurrency"):
-            kw[key] = _get(hooks, key, int, "webhooks")
-            if kw[key] < 1:
-                raise ConfigError(f"webhooks.{key} must be at least 1")
-        elif key in ("initial_backoff", "max_backoff", "timeout"):
-            kw[f"{key}_s"] = parse_duration(value, f"webhooks.{key}")
-        elif key == "allow":
-            kw[key] = _webhook_allow(value)
-        else:
-            raise ConfigError(f"unknown key webhooks.{key}")
-    if kw.get("timeout_s", 1.0) <= 0:
-        raise ConfigError("webhooks.timeout must be positive")
-    return WebhookSettings(**kw)
+def _models(tables: list[_ModelTable], given: list[dict[str, Any]]) -> tuple[ModelConfig, ...]:
+    """The [[models]] tables; ``given`` are the same tables as written, whose
+    keys msgspec does not know are the backend's options."""
+    models: list[ModelConfig] = []
+    for i, (m, written) in enumerate(zip(tables, given, strict=True)):
+        if not _MODEL_NAME.fullmatch(m.name):
+            raise ConfigError(f"models[{i}].name: must look like 'models/my-model', got {m.name!r}")
+        if m.name in {seen.name for seen in models}:
+            raise ConfigError(f"models[{i}].name: {m.name} is listed twice")
+        # The default concurrency follows a backend written out: no backend
+        # key is echo, but with the common default (see the reference).
+        backend = "echo" if isinstance(m.backend, UnsetType) else m.backend
+        concurrency = 64 if isinstance(m.backend, UnsetType) else _DEFAULT_CONCURRENCY.get(backend, 64)
+        models.append(ModelConfig(
+            name=m.name,
+            backend=backend,
+            options={k: v for k, v in written.items() if k not in _MODEL_KEYS},
+            **{"max_concurrency": concurrency, **_given(m, "name", "backend")},
+        ))
+    return tuple(models)
 
 
-def _webhook_allow(value: Any) -> tuple[str, ...]:
+def _api_keys(tables: list[_ApiKeyTable]) -> tuple[ApiKey, ...]:
+    """The [[api_keys]] tables, each key listed once."""
+    keys: list[ApiKey] = []
+    for i, k in enumerate(tables):
+        if k.key in {seen.key for seen in keys}:
+            raise ConfigError(f"api_keys[{i}].key: the same key is listed twice")
+        keys.append(ApiKey(key=k.key, tenant=k.tenant))
+    return tuple(keys)
+
+
+def _tenants(tables: list[_TenantTable]) -> tuple[TenantConfig, ...]:
+    """The ``[[tenants]]`` tables: a name and a scheduling weight each."""
+    tenants = tuple(TenantConfig(**_given(t)) for t in tables)
+    if len({t.name for t in tenants}) != len(tenants):
+        raise ConfigError("tenants: a tenant is listed twice")
+    return tenants
+
+
+def _webhook_allow(value: list[str]) -> tuple[str, ...]:
     """``webhooks.allow``: each entry checked and written the one way it is compared."""
-    if not isinstance(value, list):
-        raise ConfigError(f"webhooks.allow: expected a list of networks, addresses and host names, "
-                          f"got {type(value).__name__}")
     entries: list[str] = []
     for i, entry in enumerate(value):
         try:
@@ -461,78 +707,27 @@ def _webhook_allow(value: Any) -> tuple[str, ...]:
     return tuple(entries)
 
 
-def _quota_value(table: dict[str, Any], key: str, where: str) -> int | None:
-    """A quota's limit: a count (a size for bytes), or ``"unlimited"`` (None)."""
-    value = table[key]
-    if value == "unlimited":
-        return None
-    if key == "max_stored_bytes":
-        return parse_size(value, f"{where}.{key}")
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ConfigError(f"{where}.{key}: expected a number or \"unlimited\", got {value!r}")
-    if value < 0:
-        raise ConfigError(f"{where}.{key}: must not be negative (0 allows none; \"unlimited\" lifts the limit)")
-    return value
-
-
-def _quota_table(table: Any, base: TenantQuota, where: str, extra: tuple[str, ...] = ()) -> TenantQuota:
-    """``base`` with the quota keys of one ``[quotas]``-like table applied."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table")
-    kw: dict[str, Any] = {}
-    for key in table:
-        if key in extra:
-            continue
-        if key in ("max_stored_bytes", "max_files", "max_unfinished_batches", "max_pending_requests", "max_creates"):
-            kw[key] = _quota_value(table, key, where)
-        elif key == "create_window":
-            kw["create_window_s"] = parse_duration(table[key], f"{where}.create_window")
-            if kw["create_window_s"] <= 0:
-                raise ConfigError(f"{where}.create_window must be positive")
-        else:
-            raise ConfigError(f"unknown key {where}.{key}")
-    return replace(base, **kw)
-
-
-def _quota_settings(data: dict[str, Any]) -> QuotaSettings:
+def _quota_settings(table: _QuotasTable | UnsetType) -> QuotaSettings:
     """``[quotas]`` (defaults for every tenant) and ``[[quotas.tenants]]``
     (one tenant's own, the keys it leaves out taken from ``[quotas]``)."""
-    if "quotas" not in data:
+    if isinstance(table, UnsetType):
         return QuotaSettings()
-    table = data["quotas"]
-    defaults = _quota_table(table, TenantQuota(), "quotas", extra=("tenants",))
-    tables = table.get("tenants", [])
-    if not isinstance(tables, list):
-        raise ConfigError("quotas.tenants: expected [[quotas.tenants]] tables")
-    tenants: list[tuple[str, TenantQuota]] = []
-    for i, t in enumerate(tables):
-        where = f"quotas.tenants[{i}]"
-        if not isinstance(t, dict) or "name" not in t or not _get(t, "name", str, where):
-            raise ConfigError(f"{where}.name is required")
-        tenants.append((t["name"], _quota_table(t, defaults, where, extra=("name",))))
+    defaults = replace(TenantQuota(), **_given(table, "tenants"))
+    tenants = tuple((t.name, replace(defaults, **_given(t, "name"))) for t in table.tenants)
     if len({name for name, _ in tenants}) != len(tenants):
         raise ConfigError("quotas.tenants: a tenant is listed twice")
-    return QuotaSettings(defaults=defaults, tenants=tuple(tenants))
+    return QuotaSettings(defaults=defaults, tenants=tenants)
 
 
-def _tls_clients(tables: Any) -> tuple[TlsClient, ...]:
+def _tls_clients(tables: list[_TlsClientTable]) -> tuple[TlsClient, ...]:
     """The ``[[tls_clients]]`` tables: each one identity and a tenant."""
-    if not isinstance(tables, list):
-        raise ConfigError("tls_clients: expected [[tls_clients]] tables")
     clients: list[TlsClient] = []
     for i, t in enumerate(tables):
-        where = f"tls_clients[{i}]"
-        if not isinstance(t, dict):
-            raise ConfigError(f"{where}: expected a table")
-        if unknown := set(t) - {"tenant", "subject_cn", "san_uri", "san_dns"}:
-            raise ConfigError(f"unknown key {where}.{sorted(unknown)[0]}")
-        ids = [k for k in ("subject_cn", "san_uri", "san_dns") if k in t]
-        if len(ids) != 1 or "tenant" not in t:
-            raise ConfigError(f"{where}: needs a tenant and exactly one of subject_cn, san_uri, san_dns")
-        value, tenant = _get(t, ids[0], str, where), _get(t, "tenant", str, where)
-        if not value or not tenant:
-            raise ConfigError(f"{where}: {ids[0]} and tenant must not be empty")
-        clients.append(TlsClient(tenant=tenant, **{ids[0]: value}))
+        ids = _given(t, "tenant")
+        if len(ids) != 1:
+            raise ConfigError(f"tls_clients[{i}]: needs exactly one of subject_cn, san_uri, san_dns; "
+                              f"it has {' and '.join(ids) if ids else 'none'}")
+        clients.append(TlsClient(tenant=t.tenant, **ids))
     identities = [(c.subject_cn, c.san_uri, c.san_dns) for c in clients]
     if len(set(identities)) != len(identities):
         raise ConfigError("tls_clients: the same certificate identity is listed twice")

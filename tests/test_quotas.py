@@ -517,7 +517,7 @@ def test_config_quotas_defaults_overrides_and_unlimited() -> None:
     ({"max_files": True}, "quotas.max_files: expected a number"),
     ({"max_stored_bytes": "5 parsecs"}, "quotas.max_stored_bytes: expected a size"),
     ({"max_filez": 1}, "unknown key quotas.max_filez"),
-    ({"create_window": "0s"}, "quotas.create_window must be positive"),
+    ({"create_window": "0s"}, "quotas.create_window: must be positive"),
     ({"tenants": [{"max_files": 1}]}, "quotas.tenants[0].name is required"),
     ({"tenants": [{"name": "a", "weight": 2}]}, "unknown key quotas.tenants[0].weight"),
     ({"tenants": [{"name": "a"}, {"name": "a"}]}, "quotas.tenants: a tenant is listed twice"),

@@ -302,7 +302,7 @@ def test_tls_clients_config() -> None:
     for bad, words in (
         ([{"tenant": "t"}], "exactly one of subject_cn, san_uri, san_dns"),
         ([{"subject_cn": "a", "san_dns": "b", "tenant": "t"}], "exactly one of"),
-        ([{"subject_cn": "a"}], "needs a tenant"),
+        ([{"subject_cn": "a"}], "tls_clients[0].tenant is required"),
         ([{"subject_cn": "", "tenant": "t"}], "must not be empty"),
         ([{"subject_cn": "a", "tenant": "t", "sn": 1}], "unknown key tls_clients[0].sn"),
         ([{"subject_cn": "a", "tenant": "t"}, {"subject_cn": "a", "tenant": "u"}], "listed twice"),

@@ -244,7 +244,7 @@ def test_tenants_config() -> None:
     bad = [
         ({"tenants": {"name": "alice"}}, "expected \\[\\[tenants\\]\\]"),
         ({"tenants": [{"weight": 2}]}, "tenants\\[0\\].name is required"),
-        ({"tenants": [{"name": ""}]}, "tenants\\[0\\].name is required"),
+        ({"tenants": [{"name": ""}]}, "tenants\\[0\\].name: must not be empty"),
         ({"tenants": [{"name": "a", "weight": 0}]}, "between 1 and 1000"),
         ({"tenants": [{"name": "a", "weight": 1001}]}, "between 1 and 1000"),
         ({"tenants": [{"name": "a", "weight": 1.5}]}, "expected int"),
