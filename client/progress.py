@@ -25,6 +25,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from longbatch.client.units import format_bytes
+
 BAR_MIN = 10
 """Narrowest bar worth drawing, in columns; below it the bar is left out."""
 BAR_MAX = 40
@@ -41,16 +43,6 @@ def format_duration(seconds: float) -> str:
     if total < 3600:
         return f"{total // 60}m{total % 60:02d}s"
     return f"{total // 3600}h{total % 3600 // 60:02d}m"
-
-
-def format_bytes(size: int) -> str:
-    """Formats a byte count with binary units: ``512 B``, ``1.5 KiB``, ``12.3 MiB``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from longbatch.client.units import format_bytes
+
 from .config import QuotaSettings, TenantQuota
 from .domain import Batch, StoredFile
 from .errors import QuotaExceeded
@@ -78,10 +80,7 @@ class QuotaUse:
 
 
 def _size(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n} bytes ({n / size:.4g} {unit})"
-    return f"{n} bytes"
+    return f"{n} bytes ({format_bytes(n, fixed=False)})" if n >= 1024 else f"{n} bytes"
 
 
 def quota_error(tenant: str, quota: str, used: int, limit: int, asked: str,

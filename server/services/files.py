@@ -19,6 +19,7 @@ from typing import IO, Any
 import grpc
 from google.protobuf import empty_pb2
 
+from longbatch.client.units import format_bytes
 from longbatch.v1 import file_pb2, file_pb2_grpc
 
 from ..config import Limits
@@ -150,7 +151,7 @@ class FileService(file_pb2_grpc.FileServiceServicer):
                 )
             if spool.received + len(msg.data) > limit:
                 raise ResourceExhausted(
-                    f"file exceeds the limit of {limit} bytes ({_human(limit)}) per file",
+                    f"file exceeds the limit of {limit} bytes ({format_bytes(limit, fixed=False)}) per file",
                     reason="FILE_TOO_LARGE", metadata={"limit_bytes": str(limit)},
                 )
             if upload is not None:
@@ -164,7 +165,7 @@ class FileService(file_pb2_grpc.FileServiceServicer):
         await asyncio.sleep(0)
         await spool.drain()
         if spool.size == 0:
-            raise InvalidArgument("file is empty: send its bytes in `data` messages after the metadata",
+            raise InvalidArgument("file is empty: an upload needs at least one byte",
                                   reason="FILE_EMPTY", violations=[("data", "no bytes were sent")])
 
     async def _commit(self, spool: _Spool, stored: StoredFile, upload: Upload | None) -> None:
@@ -261,13 +262,6 @@ def _validate_metadata(meta: file_pb2.File) -> tuple[str, str]:
         field, problem = violations[0]
         raise InvalidArgument(f"invalid file: {field} {problem}", violations=violations)
     return meta.display_name, mime_type
-
-
-def _human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.4g} {unit}"
-    return f"{n} B"
 
 
 def _consume(future: asyncio.Future[None]) -> None:
