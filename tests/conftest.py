@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from netsafety import FakeDNS, LeakGuard, guard_loopback, install_fake_dns
 
 from longbatch.server.app import Running, start_server
 from longbatch.server.config import ServerConfig
@@ -41,6 +42,18 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     yield make
     for running in reversed(started):
         await running.stop(grace_s=1.0)
+
+
+@pytest.fixture
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakGuard]:
+    """Fail the test on any connect, send or name lookup aimed beyond 127.0.0.1/::1 (tests/netsafety.py)."""
+    yield from guard_loopback(monkeypatch)
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
+    """Names resolve through a test table, never the system resolver (tests/netsafety.py)."""
+    return install_fake_dns(monkeypatch)
 
 
 @pytest.fixture

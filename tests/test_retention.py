@@ -13,14 +13,13 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import MakeServer
 from google.longrunning import operations_pb2
-from netsafety import FakeDNS, LeakGuard, guard_loopback, install_fake_dns
 
 from longbatch.server.config import (
     DEFAULT_MODELS,
@@ -446,16 +445,6 @@ async def test_purge_steps_are_bounded(tmp_path: Path) -> None:
 
 
 # -- webhook deliveries go with their batch ------------------------------------------
-
-
-@pytest.fixture
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakGuard]:
-    yield from guard_loopback(monkeypatch)
-
-
-@pytest.fixture
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    return install_fake_dns(monkeypatch)
 
 
 def _delivery_count(data_dir: Path, batch_id: str | None = None) -> int:

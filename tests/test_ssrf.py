@@ -12,13 +12,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from conftest import MakeServer
-from netsafety import FakeDNS, LeakGuard, NonLoopbackConnect, guard_loopback, install_fake_dns
+from netsafety import FakeDNS, LeakGuard, NonLoopbackConnect
 from test_webhooks import Plan, Receiver, Reply, delivery_rows, fast, receiver_pool, wait_rows, webhook_batch
 
 from longbatch.server import netguard
@@ -29,16 +29,6 @@ from longbatch.v1 import batch_pb2
 from support import Stubs, details, metadata_of, wait_done
 
 pytestmark = pytest.mark.usefixtures("loopback_only", "fake_dns")
-
-
-@pytest.fixture
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakGuard]:
-    yield from guard_loopback(monkeypatch)
-
-
-@pytest.fixture
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    return install_fake_dns(monkeypatch)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from aiohttp import web
 from conftest import MakeServer
 from google.longrunning import operations_pb2
 from google.protobuf import struct_pb2
-from netsafety import FakeDNS, LeakGuard, guard_loopback, install_fake_dns
+from netsafety import FakeDNS
 
 from longbatch.server.config import ConfigError, ServerConfig, WebhookSettings, config_from_dict
 from longbatch.server.retry import parse_retry_after
@@ -39,16 +39,6 @@ from support import ServerProcess, Stubs, details, generate_batch, metadata_of, 
 SECRET = "s3cret-webhook-key"
 SUCCEEDED = batch_pb2.BatchState.BATCH_STATE_SUCCEEDED
 pytestmark = pytest.mark.usefixtures("loopback_only", "fake_dns")
-
-
-@pytest.fixture
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[LeakGuard]:
-    yield from guard_loopback(monkeypatch)
-
-
-@pytest.fixture
-def fake_dns(monkeypatch: pytest.MonkeyPatch) -> FakeDNS:
-    return install_fake_dns(monkeypatch)
 
 
 @dataclass
