@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import shutil
 import signal
 import sqlite3
@@ -269,3 +270,20 @@ def refuse(payloads: list[bytes]) -> list[bytes]:
 def broken_runner(lo: int, hi: int, answer: object) -> object:
     """A range runner that fails in the worker process as the store might (full disk, say)."""
     raise sqlite3.OperationalError("disk I/O error (injected)")
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``longbatch ARGS`` in a subprocess: exit code, stdout, stderr."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LONGBATCH_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "longbatch.client.cli", *args, env={**clean, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

@@ -3,9 +3,6 @@ request bodies parsed before the key is checked, the CLI's key file."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 
 import grpc
@@ -16,6 +13,8 @@ from longbatch.client import Client, FailedPrecondition, NotFound
 from longbatch.server.config import ApiKey, ServerConfig, config_from_dict
 from longbatch.server.domain import BatchKind, NewBatch
 from longbatch.server.edge import Authenticator, EdgeRegistrar
+
+from support import cli
 
 
 def test_model_secrets_stay_out_of_the_config_repr() -> None:
@@ -90,22 +89,6 @@ async def test_the_key_is_checked_before_the_request_is_parsed() -> None:
             assert parsed == [b"body", b"bad"]
     finally:
         await server.stop(None)
-
-
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LONGBATCH_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longbatch.client.cli", *args, env={**clean, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_the_cli_reads_the_key_from_a_file(make_server: MakeServer, tmp_path: Path) -> None:

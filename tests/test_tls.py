@@ -35,7 +35,7 @@ from longbatch.server.config import ApiKey, ConfigError, ServerConfig, TlsClient
 from longbatch.server.tls import CertificateReloader, TlsError, TlsFiles
 from longbatch.v1 import content_pb2
 
-from support import ServerProcess
+from support import ServerProcess, cli
 
 
 def prompt(text: str) -> content_pb2.GenerateContentRequest:
@@ -137,23 +137,6 @@ async def test_a_batch_round_trip_over_tls(serve_tls: Serve, pki: Pki) -> None:
         op = await client.create_generate_batch("models/echo", [prompt("over tls")])
         output = await op.result(timeout=30)
     assert output.inlined_responses.inlined_responses[0].response.candidates[0].content.parts[0].text == "over tls"
-
-
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """``longbatch ARGS`` in a subprocess: exit code, stdout, stderr."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LONGBATCH_")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longbatch.client.cli", *args, env={**clean, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def test_the_cli_over_tls_with_flags_and_with_the_environment(serve_tls: Serve, pki: Pki) -> None:
