@@ -22,6 +22,7 @@ from .datadir import DB_NAME, secure_data_dir
 from .domain import Batch
 from .edge import Authenticator, EdgeRegistrar
 from .executor import Executor, ModelRuntime
+from .file_manager import FileExpiry, FileManager
 from .files import FileStorage
 from .ingest import ingest
 from .manager import BatchManager
@@ -32,7 +33,7 @@ from .quotas import Quotas
 from .reflection import enable_reflection
 from .retention import RetentionPurge
 from .services.batches import BatchService
-from .services.files import FileExpiry, FileService
+from .services.files import FileService
 from .services.models import ModelService
 from .services.operations import OperationsService
 from .services.quotas import QuotaService
@@ -159,8 +160,8 @@ async def _assemble(
     batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits, config.webhooks), edge)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
     model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
-    file_service = FileService(store, files, config.limits, tokens, on_large_upload=workers.warm, quotas=quotas)
-    file_pb2_grpc.add_FileServiceServicer_to_server(file_service, edge)
+    file_manager = FileManager(store, files, config.limits, tokens, on_large_upload=workers.warm, quotas=quotas)
+    file_pb2_grpc.add_FileServiceServicer_to_server(FileService(file_manager), edge)
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(quotas), edge)
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -5,7 +5,7 @@ deleted with its requests, its webhook deliveries and its generated responses
 file, row and bytes, as if a client had deleted it: it is NOT_FOUND
 afterwards. On start, deliveries whose batch is already gone (versions before
 this one kept them after a delete) are deleted too. Input files are not
-touched here; uploads follow ``file_ttl`` (``services.files.FileExpiry``).
+touched here; uploads follow ``file_ttl`` (``file_manager.FileExpiry``).
 
 The purge runs in small transactions (``max_batches`` batches and at most
 ``max_requests`` request rows each) so that it never holds the store's single

@@ -1,49 +1,32 @@
-"""longbatch.v1.FileService: uploads, downloads and the expiry of files.
+"""longbatch.v1.FileService: the gRPC surface of ``FileManager``.
 
-Bytes stream straight to disk through ``FileStorage.writer`` (temp file, then
-rename), with size and SHA-256 computed on the way in; the store row is
-written only once the bytes are in place, so a file is either complete and
-listed or absent. Blocking disk work runs in threads, one batch of about a
-MiB at a time, so that a 2 GiB upload never stalls the event loop.
+It frames the CreateFile stream (metadata first, bytes after), converts
+files to protobuf and chunks downloads for gRPC; every rule of uploads,
+downloads, listing, deletion and expiry lives in ``file_manager``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-import re
-from collections.abc import AsyncIterator, Callable
-from typing import IO, Any
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
 
-from longbatch.client.units import format_bytes
 from longbatch.v1 import file_pb2, file_pb2_grpc
 
-from ..config import Limits
 from ..convert import timestamp
-from ..domain import StoredFile, now_us
+from ..domain import StoredFile
 from ..edge import current_tenant
-from ..errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from ..files import FileStorage, new_id
-from ..ingest import SMALL_FILE_BYTES
-from ..paging import PageTokens, read_page_request
-from ..quotas import Quotas, Upload
-from ..store import Store, StoreConflict
-from ..validate import MAX_DISPLAY_NAME, parse_name
-
-log = logging.getLogger("longbatch.files")
+from ..errors import InvalidArgument
+from ..file_manager import FileManager
+from ..validate import parse_name
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-DEFAULT_MIME_TYPE = "application/jsonl"
 DOWNLOAD_CHUNK = 1 << 20
 """Bytes per DownloadFile message (the API promises at most 1 MiB)."""
-MAX_MIME_TYPE = 255
-_WRITE_BATCH = 1 << 20
-_MIME = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*(\s*;.*)?", re.ASCII)
 _STATE_ACTIVE = file_pb2.File.State.STATE_ACTIVE
 _SOURCES = {"uploaded": file_pb2.File.Source.SOURCE_UPLOADED, "generated": file_pb2.File.Source.SOURCE_GENERATED}
 
@@ -65,23 +48,28 @@ def file_message(f: StoredFile) -> file_pb2.File:
     )
 
 
-def _not_found(file_id: str) -> NotFound:
-    return NotFound(f"files/{file_id} not found", reason="FILE_NOT_FOUND")
+async def _data(messages: AsyncIterator[file_pb2.CreateFileRequest]) -> AsyncGenerator[bytes, None]:
+    """The bytes of the CreateFile messages after the first; a message that is
+    not `data` ends the upload with INVALID_UPLOAD_STREAM."""
+    number = 1
+    async for msg in messages:
+        number += 1
+        kind = msg.WhichOneof("payload")
+        if kind != "data":
+            problem = "repeats `file`" if kind == "file" else "sets neither `file` nor `data`"
+            raise InvalidArgument(
+                f"CreateFile message {number} {problem}; only the first message carries `file`, "
+                "every later one `data`",
+                reason="INVALID_UPLOAD_STREAM", violations=[("data", f"must be set in message {number}")],
+            )
+        yield msg.data
 
 
 class FileService(file_pb2_grpc.FileServiceServicer):
     """Creates, reads, lists and deletes the caller's files."""
 
-    def __init__(
-        self, store: Store, storage: FileStorage, limits: Limits, page_tokens: PageTokens,
-        on_large_upload: Callable[[], None] | None = None, quotas: Quotas | None = None,
-    ) -> None:
-        self._store = store
-        self._storage = storage
-        self._limits = limits
-        self._tokens = page_tokens
-        self._on_large_upload = on_large_upload
-        self._quotas = quotas
+    def __init__(self, manager: FileManager) -> None:
+        self._manager = manager
 
     async def CreateFile(
         self, request_iterator: AsyncIterator[file_pb2.CreateFileRequest], context: Context
@@ -95,295 +83,33 @@ class FileService(file_pb2_grpc.FileServiceServicer):
                 "the first CreateFile message must carry `file` (the metadata); the bytes follow in later messages",
                 reason="FILE_METADATA_MISSING", violations=[("file", "must be set in the first message")],
             )
-        display_name, mime_type = _validate_metadata(first.file)
-        # Quotas refuse before a byte is read when nothing is left, and the
-        # upload counts (bytes in flight, a create) until it ends either way.
-        upload = await self._quotas.begin_upload(tenant) if self._quotas is not None else None
-        try:
-            return await self._create(messages, tenant, display_name, mime_type, upload)
-        finally:
-            if upload is not None:
-                upload.close()
-
-    async def _create(self, messages: AsyncIterator[file_pb2.CreateFileRequest], tenant: str, display_name: str,
-                      mime_type: str, upload: Upload | None) -> file_pb2.File:
-        file_id = new_id()
-        spool = _Spool(self._storage, file_id)
-        try:
-            await self._receive(messages, spool, upload)
-        except BaseException:
-            # Client gone, over a limit or bad stream: no trace of the upload.
-            spool.discard()
-            raise
-        if self._on_large_upload is not None and spool.size > SMALL_FILE_BYTES:
-            self._on_large_upload()  # a batch reading it likely follows
-        created = now_us()
-        stored = StoredFile(
-            id=file_id, seq=0, tenant=tenant, display_name=display_name, mime_type=mime_type,
-            size_bytes=spool.size, sha256=spool.sha256, create_time_us=created,
-            expire_time_us=created + int(self._limits.file_ttl_s * 1_000_000), source="uploaded",
-        )
-        # Renaming and inserting must not be torn apart by a cancellation, or
-        # bytes could stay without a row; if the client left meanwhile it never
-        # learns the name, so the finished file is removed again. The handler
-        # waits for that, so a server shutdown waits for it too.
-        commit = asyncio.ensure_future(self._commit(spool, stored, upload))
-        try:
-            await asyncio.shield(commit)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._undo(commit, stored))
-            raise
+        # Output-only fields of the metadata are ignored. aclosing: an upload
+        # refused midway closes the framing generator now, not at GC.
+        async with contextlib.aclosing(_data(messages)) as chunks:
+            stored = await self._manager.create(tenant, first.file.display_name, first.file.mime_type, chunks)
         return file_message(stored)
-
-    async def _receive(self, messages: AsyncIterator[file_pb2.CreateFileRequest], spool: _Spool,
-                       upload: Upload | None) -> None:
-        limit = self._limits.max_file_bytes
-        number = 1
-        async for msg in messages:
-            number += 1
-            kind = msg.WhichOneof("payload")
-            if kind != "data":
-                problem = "repeats `file`" if kind == "file" else "sets neither `file` nor `data`"
-                raise InvalidArgument(
-                    f"CreateFile message {number} {problem}; only the first message carries `file`, "
-                    "every later one `data`",
-                    reason="INVALID_UPLOAD_STREAM", violations=[("data", f"must be set in message {number}")],
-                )
-            if spool.received + len(msg.data) > limit:
-                raise ResourceExhausted(
-                    f"file exceeds the limit of {limit} bytes ({format_bytes(limit, fixed=False)}) per file",
-                    reason="FILE_TOO_LARGE", metadata={"limit_bytes": str(limit)},
-                )
-            if upload is not None:
-                # Over max_stored_bytes: refused here, before this message is
-                # written; the caller drops what was.
-                await upload.receive(len(msg.data))
-            await spool.write(msg.data)
-        # A client that disconnects shows up here as a normal end of stream,
-        # its cancellation delivered a moment later: yield once so that it
-        # lands before anything is committed (_undo covers a later one).
-        await asyncio.sleep(0)
-        await spool.drain()
-        if spool.size == 0:
-            raise InvalidArgument("file is empty: an upload needs at least one byte",
-                                  reason="FILE_EMPTY", violations=[("data", "no bytes were sent")])
-
-    async def _commit(self, spool: _Spool, stored: StoredFile, upload: Upload | None) -> None:
-        await spool.commit()
-        try:
-            # With quotas, the exact check runs in the insert's transaction:
-            # over it, the bytes just renamed into place go again below.
-            await (upload.add_file(stored) if upload is not None else self._store.add_file(stored))
-        except BaseException:
-            await asyncio.to_thread(self._storage.delete, stored.id)
-            raise
-
-    async def _undo(self, commit: asyncio.Future[None], stored: StoredFile) -> None:
-        try:
-            await commit
-        except BaseException:
-            return  # nothing was kept
-        try:
-            await self._store.delete_file(stored.tenant, stored.id)
-            await asyncio.to_thread(self._storage.delete, stored.id)
-        except Exception:
-            log.exception("could not remove files/%s after its upload was cancelled", stored.id)
 
     async def GetFile(self, request: file_pb2.GetFileRequest, context: Context) -> file_pb2.File:
         """One file's metadata."""
-        return file_message(await self._get(parse_name(request.name, "files")))
-
-    async def _get(self, file_id: str) -> StoredFile:
-        stored = await self._store.get_file(current_tenant(), file_id)
-        if stored is None:
-            raise _not_found(file_id)
-        return stored
+        return file_message(await self._manager.get(current_tenant(), parse_name(request.name, "files")))
 
     async def ListFiles(self, request: file_pb2.ListFilesRequest, context: Context) -> file_pb2.ListFilesResponse:
         """A page of the caller's files, newest first."""
-        tenant = current_tenant()
-        scope = f"files\x00{tenant}"
-        size, position = read_page_request(self._tokens, request.page_size, request.page_token, scope)
-        assert position is None or isinstance(position, int)
-        before = position
-        rows = await self._store.list_files(tenant, before, size + 1)
-        page = rows[:size]
-        token = self._tokens.encode(scope, (page[-1].seq,)) if len(rows) > size else ""
+        page, token = await self._manager.list(current_tenant(), request.page_size, request.page_token)
         return file_pb2.ListFilesResponse(files=[file_message(f) for f in page], next_page_token=token)
 
     async def DeleteFile(self, request: file_pb2.DeleteFileRequest, context: Context) -> empty_pb2.Empty:
         """Delete a file and its bytes, unless a batch that is not done reads it."""
-        file_id = parse_name(request.name, "files")
-        # The tenant check first: the store's in-use check looks at every
-        # tenant's batches, so asked first it would tell another tenant that
-        # this file exists (FILE_IN_USE instead of NOT_FOUND).
-        await self._get(file_id)
-        try:
-            deleted = await self._store.delete_file(current_tenant(), file_id)
-        except StoreConflict:
-            raise FailedPrecondition(
-                f"files/{file_id} is read by a pending or running batch; cancel the batch or wait for it to finish",
-                reason="FILE_IN_USE",
-            ) from None
-        if not deleted:
-            raise _not_found(file_id)
-        await asyncio.to_thread(self._storage.delete, file_id)
+        await self._manager.delete(current_tenant(), parse_name(request.name, "files"))
         return empty_pb2.Empty()
 
     async def DownloadFile(
         self, request: file_pb2.DownloadFileRequest, context: Context
     ) -> AsyncIterator[file_pb2.DownloadFileResponse]:
         """Stream a file's bytes in chunks of at most 1 MiB."""
-        file_id = parse_name(request.name, "files")
-        await self._get(file_id)
+        download = await self._manager.open_download(current_tenant(), parse_name(request.name, "files"))
         try:
-            source: IO[bytes] = await asyncio.to_thread(self._storage.path(file_id).open, "rb")
-        except FileNotFoundError:
-            # Deleted (or expired) between the lookup and the open.
-            raise _not_found(file_id) from None
-        try:
-            while chunk := await asyncio.to_thread(source.read, DOWNLOAD_CHUNK):
+            async for chunk in download.chunks(DOWNLOAD_CHUNK):
                 yield file_pb2.DownloadFileResponse(data=chunk)
         finally:
-            source.close()
-
-
-def _validate_metadata(meta: file_pb2.File) -> tuple[str, str]:
-    """The display name and MIME type of an upload; output-only fields are ignored."""
-    violations = []
-    if len(meta.display_name) > MAX_DISPLAY_NAME:
-        violations.append(("file.display_name",
-                           f"is {len(meta.display_name)} characters; the limit is {MAX_DISPLAY_NAME}"))
-    mime_type = meta.mime_type or DEFAULT_MIME_TYPE
-    if len(mime_type) > MAX_MIME_TYPE or not _MIME.fullmatch(mime_type):
-        shown = mime_type if len(mime_type) <= 80 else mime_type[:77] + "..."
-        violations.append(("file.mime_type", f"must be a media type like 'application/jsonl', got {shown!r}"))
-    if violations:
-        field, problem = violations[0]
-        raise InvalidArgument(f"invalid file: {field} {problem}", violations=violations)
-    return meta.display_name, mime_type
-
-
-def _consume(future: asyncio.Future[None]) -> None:
-    # Mark a failed write as seen: the upload is being discarded anyway.
-    if not future.cancelled():
-        future.exception()
-
-
-class _Spool:
-    """An upload being written: chunks are gathered into batches of about a
-    MiB and written (and hashed) in a thread while the next ones arrive."""
-
-    def __init__(self, storage: FileStorage, file_id: str) -> None:
-        # Opening a new file is one cheap syscall; doing it here rather than in
-        # a thread means a cancellation can never strand a temp file.
-        self._out = storage.create(file_id)
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self.received = 0
-        """Bytes accepted so far, whether or not they reached the disk yet."""
-        self._in_flight: asyncio.Future[None] | None = None
-        self._closed = False
-
-    @property
-    def size(self) -> int:
-        """Bytes written to disk so far."""
-        return self._out.size
-
-    @property
-    def sha256(self) -> bytes:
-        """SHA-256 of the bytes written so far."""
-        return self._out.sha256
-
-    async def write(self, data: bytes) -> None:
-        """Add bytes; they reach the disk in batches."""
-        self._chunks.append(data)
-        self._buffered += len(data)
-        self.received += len(data)
-        if self._buffered >= _WRITE_BATCH:
-            await self._flush()
-
-    async def _flush(self) -> None:
-        # One write in flight at a time keeps HashingWriter single-threaded
-        # and the bytes in order.
-        if self._in_flight is not None:
-            await self._in_flight
-            self._in_flight = None
-        if self._chunks:
-            data = b"".join(self._chunks)
-            self._chunks.clear()
-            self._buffered = 0
-            self._in_flight = asyncio.ensure_future(asyncio.to_thread(self._out.write, data))
-
-    async def drain(self) -> None:
-        """Write everything buffered and wait for it."""
-        await self._flush()
-        await self._flush()
-
-    async def commit(self) -> None:
-        """fsync and rename into place (in a thread: fsync can take a while)."""
-        self._closed = True
-        await asyncio.to_thread(self._out.commit)
-
-    def discard(self) -> None:
-        """Drop the temp file; safe to call more than once."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._in_flight is not None:
-            # The thread finishes its write into the unlinked file; closing
-            # waits for it on the file's lock, which is at most one batch.
-            self._in_flight.cancel()
-            self._in_flight.add_done_callback(_consume)
-        with contextlib.suppress(Exception):
-            self._out.abort()
-
-
-class FileExpiry:
-    """Deletes uploaded files past their expiration time, with their bytes.
-
-    Runs every ``min(60 s, file_ttl / 20)``, at least every 50 ms apart. A
-    file read by a batch that is not done stays until that batch is done.
-    """
-
-    def __init__(self, store: Store, storage: FileStorage, file_ttl_s: float) -> None:
-        self._store = store
-        self._storage = storage
-        self.interval_s = max(0.05, min(60.0, file_ttl_s / 20))
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        """Start the periodic sweep."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="longbatch-file-expiry")
-
-    async def stop(self) -> None:
-        """Stop the sweep; safe to call twice."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.sweep()
-            except Exception:
-                log.exception("file expiry sweep failed; retrying in %.3g s", self.interval_s)
-
-    async def sweep(self) -> int:
-        """Delete the files expired by now; return how many were deleted."""
-        deleted = 0
-        for f in await self._store.expired_files(now_us()):
-            try:
-                if not await self._store.delete_file(f.tenant, f.id):
-                    continue
-            except StoreConflict:
-                continue  # a batch started reading it since the query
-            await asyncio.to_thread(self._storage.delete, f.id)
-            deleted += 1
-        if deleted:
-            log.info("deleted %d expired file(s)", deleted)
-        return deleted
+            download.close()
