@@ -1,4 +1,4 @@
-"""Compile AIP-160 list filters into parameterised SQLite ``WHERE`` fragments.
+"""Compile AIP-160 list filters into a small, typed expression tree.
 
 Only a subset of AIP-160 is supported: comparisons ``field OP value`` with
 ``OP`` one of ``= != < <= > >=``, the ``AND``/``OR``/``NOT`` keywords (and ``-``
@@ -6,8 +6,10 @@ as ``NOT``), parentheses and implicit ``AND`` between whitespace-separated terms
 As AIP-160 specifies, ``OR`` binds tighter than ``AND``, so ``a AND b OR c``
 means ``a AND (b OR c)``.
 
-Values never reach the SQL text: every value becomes a ``?`` parameter, and
-column names come only from the caller's field table.
+The tree (:class:`Compare`, :class:`Match`, :class:`And`, :class:`Or`,
+:class:`Not`) names the domain's fields and carries typed values; it holds no
+SQL, so each store renders it in its own dialect and no SQL crosses the store
+interface (the SQLite rendering is ``sqlite_store.render_filter``).
 """
 
 from __future__ import annotations
@@ -19,20 +21,35 @@ from datetime import UTC, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Final, Literal
 
-__all__ = ["BATCH_FILTER_FIELDS", "FilterError", "FilterField", "compile_filter"]
+__all__ = [
+    "BATCH_FILTER_FIELDS",
+    "TRUE",
+    "And",
+    "Compare",
+    "CompareOp",
+    "Expr",
+    "FilterError",
+    "FilterField",
+    "Match",
+    "Not",
+    "Or",
+    "compile_filter",
+]
 
 MAX_FILTER_LENGTH: Final = 2000
 MAX_DEPTH: Final = 32
 
 _KEYWORDS: Final = frozenset({"AND", "OR", "NOT"})
 _OPERATORS: Final = ("<=", ">=", "!=", "=", "<", ">")
-_SQL_OPERATORS: Final = {"=": "IS", "!=": "IS NOT", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 _EQUALITY: Final = frozenset({"=", "!="})
+# The tokenizer yields only these texts for "op" tokens; the map types them.
+# A plain dict: a MappingProxyType lookup costs more on this per-comparison path.
+_COMPARE_OPS: Final[dict[str, CompareOp]] = {"=": "=", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
 # Besides letters and digits, bare words may hold the characters that appear in
 # resource names, model ids and wildcards; ':' stays out because it is AIP-160's
 # "has" operator, which is not supported and deserves its own error.
 _WORD_PUNCTUATION: Final = frozenset("_./*-")
-_COLUMN_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?", re.ASCII)
+_FIELD_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?", re.ASCII)
 _INT_RE: Final = re.compile(r"-?[0-9]+", re.ASCII)
 _RFC3339_RE: Final = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([0-9]{2}):([0-9]{2}):([0-9]{2})"
@@ -45,7 +62,69 @@ _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _ESCAPES: Final = {"n": "\n", "r": "\r", "t": "\t"}
 
 FieldKind = Literal["enum", "bool", "string", "timestamp", "int"]
-_Fragment = tuple[str, list[object]]
+CompareOp = Literal["=", "!=", "<", "<=", ">", ">="]
+
+
+@dataclass(frozen=True, slots=True)
+class Compare:
+    """``field op value``.
+
+    Attributes:
+        field: Domain field name (``state``, ``create_time``...), not a column.
+        op: ``=``/``!=`` compare null-safely (a missing value equals nothing
+            but another missing value); the others order as the value's type.
+        value: ``int`` for enums (the stored number), integers and timestamps
+            (microseconds since the epoch, UTC); ``bool``; ``str``.
+    """
+
+    field: str
+    op: CompareOp
+    value: int | bool | str
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """AIP-160 wildcard equality on a string field.
+
+    Attributes:
+        field: Domain field name.
+        parts: Literal pieces, in order, with any run of characters (``*``)
+            between each two; ``("a", "")`` is ``a*``. Matching is ASCII
+            case-insensitive, as SQL ``LIKE`` is, and always has at least two
+            parts. Literal ``%``, ``_`` and ``\\`` are plain characters here:
+            escaping them is the renderer's concern.
+    """
+
+    field: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class And:
+    """All of ``terms``; no terms is true (the empty filter, :data:`TRUE`)."""
+
+    terms: tuple[Expr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Or:
+    """Any of ``terms`` (always at least two)."""
+
+    terms: tuple[Expr, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Not:
+    """The negation of ``term``."""
+
+    term: Expr
+
+
+Expr = Compare | Match | And | Or | Not
+"""A compiled filter: no SQL, only domain field names and typed values."""
+
+TRUE: Final = And(())
+"""The filter that matches everything (what empty filter text compiles to)."""
 
 
 class FilterError(ValueError):
@@ -66,27 +145,28 @@ class FilterField:
     """How one filterable field maps onto the database.
 
     Attributes:
-        column: SQL column (optionally ``alias.column``) the field compares.
+        field: Domain field name the compiled tree uses (optionally
+            ``group.name``); each store maps it onto its own column.
         kind: How values are parsed and which operators are allowed.
         enum_values: For ``kind="enum"``, every accepted spelling of a value
             mapped to its stored integer (several spellings may share one).
         value_prefix: For strings, prepended to values that lack it, so that
             ``echo`` can stand for ``models/echo``.
         wildcard: For strings, whether ``=`` with an unescaped ``*`` in the
-            value is a wildcard match (SQL ``LIKE``, so ASCII case-insensitive).
+            value is a wildcard match (:class:`Match`, ASCII case-insensitive).
     """
 
-    column: str
+    field: str
     kind: FieldKind
     enum_values: Mapping[str, int] | None = None
     value_prefix: str = ""
     wildcard: bool = False
 
     def __post_init__(self) -> None:
-        # The column is interpolated into SQL, so a table that could carry
-        # anything but an identifier would be an injection hole.
-        if not _COLUMN_RE.fullmatch(self.column):
-            raise ValueError(f"column {self.column!r} is not a plain SQL identifier")
+        # Stores map field names to columns and some may interpolate them, so
+        # a name that could carry anything but an identifier is refused early.
+        if not _FIELD_RE.fullmatch(self.field):
+            raise ValueError(f"field {self.field!r} is not a plain identifier")
         if (self.kind == "enum") != (self.enum_values is not None):
             raise ValueError("enum_values must be given exactly when kind is 'enum'")
         if (self.value_prefix or self.wildcard) and self.kind != "string":
@@ -99,25 +179,26 @@ class _Token:
     text: str
     pos: int
     spaced: bool
-    # LIKE pattern for a value holding an unescaped '*', else None.
-    like: str | None = None
+    # For a value holding an unescaped '*': its literal pieces between the
+    # stars (Match.parts), else None.
+    parts: tuple[str, ...] | None = None
 
     @property
     def keyword(self) -> str | None:
         return self.text if self.kind == "word" and self.text in _KEYWORDS else None
 
 
-def compile_filter(text: str, fields: Mapping[str, FilterField]) -> tuple[str, list[object]]:
-    """Compile an AIP-160 filter into an SQL boolean expression.
+def compile_filter(text: str, fields: Mapping[str, FilterField]) -> Expr:
+    """Compile an AIP-160 filter into an expression tree.
 
     Args:
         text: The filter as the client sent it.
-        fields: Filterable field names mapped to their columns and kinds.
+        fields: Filterable field names mapped to their domain fields and kinds.
 
     Returns:
-        ``(sql, params)``: a parenthesised SQL expression using only ``?``
-        placeholders, and the values for them in order. Empty or all-whitespace
-        text gives ``("1", [])``.
+        The tree, over the fields' ``field`` names. Single-term ``And``/``Or``
+        never appear (the term stands alone). Empty or all-whitespace text
+        gives :data:`TRUE`.
 
     Raises:
         FilterError: The filter does not parse, is too long or too deeply
@@ -126,18 +207,14 @@ def compile_filter(text: str, fields: Mapping[str, FilterField]) -> tuple[str, l
     if len(text) > MAX_FILTER_LENGTH:
         raise FilterError(f"filter is longer than {MAX_FILTER_LENGTH} characters")
     try:
-        # Lone surrogates would only fail later, inside sqlite3's binding.
+        # Lone surrogates would only fail later, inside a store's driver.
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise FilterError(f"filter is not valid Unicode at position {exc.start}", exc.start) from None
     tokens = _tokenize(text)
     if tokens[0].kind == "end":
-        return "1", []
+        return TRUE
     return _Parser(tokens, fields).parse()
-
-
-def _like_escape(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _tokenize(text: str) -> list[_Token]:
@@ -167,8 +244,7 @@ def _tokenize(text: str) -> list[_Token]:
             while j < n and (text[j].isalnum() or text[j] in _WORD_PUNCTUATION):
                 j += 1
             word = text[i:j]
-            like = _like_escape(word).replace("*", "%") if "*" in word else None
-            tokens.append(_Token("word", word, i, spaced, like))
+            tokens.append(_Token("word", word, i, spaced, tuple(word.split("*")) if "*" in word else None))
             i = j
         else:
             op = next((op for op in _OPERATORS if text.startswith(op, i)), None)
@@ -190,28 +266,30 @@ def _tokenize(text: str) -> list[_Token]:
 def _read_string(text: str, start: int, spaced: bool) -> tuple[_Token, int]:
     quote = text[start]
     value: list[str] = []
-    like: list[str] = []
-    wild = False
+    # Literal pieces between unescaped stars; the last one is still growing.
+    parts: list[str] = []
+    piece: list[str] = []
     i, n = start + 1, len(text)
     while i < n:
         c = text[i]
         if c == quote:
-            return _Token("string", "".join(value), start, spaced, "".join(like) if wild else None), i + 1
+            wild = tuple([*parts, "".join(piece)]) if parts else None
+            return _Token("string", "".join(value), start, spaced, wild), i + 1
         if c == "\\":
             if i + 1 >= n:
                 break
             c = _ESCAPES.get(text[i + 1], text[i + 1])
             # An escaped '*' is a literal star even in a wildcard pattern.
             value.append(c)
-            like.append(_like_escape(c))
+            piece.append(c)
             i += 2
             continue
         value.append(c)
         if c == "*":
-            wild = True
-            like.append("%")
+            parts.append("".join(piece))
+            piece = []
         else:
-            like.append(_like_escape(c))
+            piece.append(c)
         i += 1
     raise FilterError(f"unterminated string starting at position {start}", start)
 
@@ -224,17 +302,16 @@ def _describe(token: _Token) -> str:
     return f"'{token.text}'"
 
 
-def _join(op: str, fragments: list[_Fragment]) -> _Fragment:
-    if len(fragments) == 1:
-        return fragments[0]
-    params: list[object] = []
-    for _, p in fragments:
-        params.extend(p)
-    return "(" + f" {op} ".join(sql for sql, _ in fragments) + ")", params
+def _and(terms: list[Expr]) -> Expr:
+    return terms[0] if len(terms) == 1 else And(tuple(terms))
+
+
+def _or(terms: list[Expr]) -> Expr:
+    return terms[0] if len(terms) == 1 else Or(tuple(terms))
 
 
 class _Parser:
-    """Recursive descent over AIP-160's grammar, emitting SQL as it goes.
+    """Recursive descent over AIP-160's grammar, building the tree as it goes.
 
     Recursion happens only for parentheses and NOT, both bounded by MAX_DEPTH;
     AND/OR chains are loops so long flat filters cannot exhaust the stack.
@@ -254,7 +331,7 @@ class _Parser:
             self._i += 1
         return token
 
-    def parse(self) -> _Fragment:
+    def parse(self) -> Expr:
         result = self._expression(0)
         token = self._peek()
         if token.kind == "rparen":
@@ -263,14 +340,14 @@ class _Parser:
             raise FilterError(f"unexpected {_describe(token)} at position {token.pos}", token.pos)
         return result
 
-    def _expression(self, depth: int) -> _Fragment:
+    def _expression(self, depth: int) -> Expr:
         sequences = [self._sequence(depth)]
         while self._peek().keyword == "AND":
             self._next()
             sequences.append(self._sequence(depth))
-        return _join("AND", sequences)
+        return _and(sequences)
 
-    def _sequence(self, depth: int) -> _Fragment:
+    def _sequence(self, depth: int) -> Expr:
         factors = [self._factor(depth)]
         while True:
             token = self._peek()
@@ -282,22 +359,21 @@ class _Parser:
             if not token.spaced and token.kind != "lparen" and previous.kind != "rparen":
                 raise FilterError(f"unexpected {_describe(token)} at position {token.pos}", token.pos)
             factors.append(self._factor(depth))
-        return _join("AND", factors)
+        return _and(factors)
 
-    def _factor(self, depth: int) -> _Fragment:
+    def _factor(self, depth: int) -> Expr:
         terms = [self._term(depth)]
         while self._peek().keyword == "OR":
             self._next()
             terms.append(self._term(depth))
-        return _join("OR", terms)
+        return _or(terms)
 
-    def _term(self, depth: int) -> _Fragment:
+    def _term(self, depth: int) -> Expr:
         token = self._peek()
         if token.kind == "minus" or token.keyword == "NOT":
             self._next()
             self._check_depth(depth + 1, token)
-            sql, params = self._term(depth + 1)
-            return f"(NOT {sql})", params
+            return Not(self._term(depth + 1))
         if token.kind == "lparen":
             self._next()
             self._check_depth(depth + 1, token)
@@ -320,7 +396,7 @@ class _Parser:
         if depth > MAX_DEPTH:
             raise FilterError(f"filter nests deeper than {MAX_DEPTH} levels at position {token.pos}", token.pos)
 
-    def _restriction(self) -> _Fragment:
+    def _restriction(self) -> Expr:
         token = self._next()
         if token.kind != "word" or token.keyword is not None:
             raise FilterError(
@@ -353,14 +429,14 @@ class _Parser:
         return _compare(name, field, op, value)
 
 
-def _compare(name: str, field: FilterField, op: _Token, value: _Token) -> _Fragment:
+def _compare(name: str, field: FilterField, op: _Token, value: _Token) -> Expr:
     if field.kind in ("enum", "bool") and op.text not in _EQUALITY:
         raise FilterError(
             f"operator '{op.text}' at position {op.pos} is not supported for {field.kind} "
             f'field "{name}"; use = or !=',
             op.pos,
         )
-    param: object
+    param: int | bool | str
     text = value.text
     if field.kind == "enum":
         assert field.enum_values is not None
@@ -378,18 +454,18 @@ def _compare(name: str, field: FilterField, op: _Token, value: _Token) -> _Fragm
                 f'expected true or false for field "{name}" at position {value.pos}, got "{text}"',
                 value.pos,
             )
-        param = 1 if text == "true" else 0
+        param = text == "true"
     elif field.kind == "int":
         param = _parse_int(name, value)
     elif field.kind == "timestamp":
         param = _parse_timestamp(name, value)
     else:
         prefixed = field.value_prefix and not text.startswith(field.value_prefix)
-        if field.wildcard and op.text == "=" and value.like is not None:
-            pattern = (_like_escape(field.value_prefix) if prefixed else "") + value.like
-            return f"({field.column} LIKE ? ESCAPE '\\')", [pattern]
+        if field.wildcard and op.text == "=" and value.parts is not None:
+            first, *rest = value.parts
+            return Match(field.field, (field.value_prefix + first if prefixed else first, *rest))
         param = field.value_prefix + text if prefixed else text
-    return f"({field.column} {_SQL_OPERATORS[op.text]} ?)", [param]
+    return Compare(field.field, _COMPARE_OPS[op.text], param)
 
 
 def _enum_names(values: Mapping[str, int]) -> str:
@@ -411,7 +487,8 @@ def _parse_int(name: str, value: _Token) -> int:
             value.pos,
         )
     number = int(value.text)
-    # sqlite3 raises OverflowError at execute time for anything wider.
+    # Stores keep 64-bit integers (sqlite3 raises OverflowError at execute
+    # time for anything wider).
     if not _INT64_MIN <= number <= _INT64_MAX:
         raise FilterError(f'integer for field "{name}" at position {value.pos} is out of range', value.pos)
     return number
@@ -462,4 +539,4 @@ BATCH_FILTER_FIELDS: Final[Mapping[str, FilterField]] = MappingProxyType(
         "priority": FilterField("priority", "int"),
     }
 )
-"""Filterable fields of ListOperations, as columns of the ``batches`` table."""
+"""Filterable fields of ListOperations, named as the batch's domain fields."""

@@ -15,7 +15,7 @@ from .domain import Batch, BatchKind, NewBatch, ResultRow, now_us
 from .errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from .executor import Executor
 from .files import FileStorage, new_id
-from .filters import BATCH_FILTER_FIELDS, FilterError, compile_filter
+from .filters import BATCH_FILTER_FIELDS, Compare, FilterError, compile_filter
 from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens, read_page_request
@@ -127,7 +127,7 @@ class BatchManager:
         """The tenant's batch made with ``request_id`` within ``ttl_us``, if any."""
         if not request_id:
             return None
-        rows = await self._store.list_batches(tenant, "request_id = ?", (request_id,), None, 1)
+        rows = await self._store.list_batches(tenant, Compare("request_id", "=", request_id), None, 1)
         if rows and rows[0].create_time_us > now_us() - ttl_us:
             return rows[0]
         return None
@@ -161,7 +161,7 @@ class BatchManager:
             raise InvalidArgument(f"name must be 'batches' or empty, got {collection[:80]!r}",
                                   violations=[("name", "must be 'batches' or empty")])
         try:
-            where, params = compile_filter(filter_text, BATCH_FILTER_FIELDS)
+            where = compile_filter(filter_text, BATCH_FILTER_FIELDS)
         except FilterError as e:
             raise InvalidArgument(f"invalid filter: {e}", reason="INVALID_FILTER",
                                   violations=[("filter", str(e))]) from None
@@ -169,7 +169,7 @@ class BatchManager:
         size, position = read_page_request(self._tokens, page_size, page_token, scope)
         assert position is None or isinstance(position, int)
         before = position
-        rows = await self._store.list_batches(tenant, where, params, before, size + 1)
+        rows = await self._store.list_batches(tenant, where, before, size + 1)
         page = rows[:size]
         token = self._tokens.encode(scope, (page[-1].seq,)) if len(rows) > size else ""
         return page, token

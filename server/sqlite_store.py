@@ -39,6 +39,7 @@ from .domain import (
     StoredFile,
     now_us,
 )
+from .filters import And, Compare, Expr, Match, Not
 from .store import (
     Answerer,
     DeliveryStatus,
@@ -365,6 +366,61 @@ def _check(quota: str, used: int, adding: int, limit: int | None) -> None:
 # By batch id, on the (batch_id, uri) unique index.
 _DELETE_DELIVERIES = "DELETE FROM webhook_deliveries WHERE batch_id = ?"
 
+# Domain field -> batches column, for filters. Only names listed here are ever
+# interpolated into SQL; values always travel as parameters.
+BATCH_FILTER_COLUMNS: dict[str, str] = {
+    name: name for name in ("state", "done", "model", "display_name", "create_time", "priority", "request_id")
+}
+# Tree values are never NULL, so '=' is plain '=' (same rows as IS, and the
+# planner can then use partial indexes such as batches_request_id), while '!='
+# is IS NOT so that rows whose column is NULL still count as different.
+_SQL_OPS = {"=": "=", "!=": "IS NOT", "<": "<", "<=": "<=", ">": ">", ">=": ">="}
+
+
+def _like_escape(s: str) -> str:
+    return s.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def render_filter(expr: Expr, columns: dict[str, str] = BATCH_FILTER_COLUMNS) -> tuple[str, list[object]]:
+    """Render a compiled filter as an SQLite boolean expression.
+
+    Args:
+        expr: The tree from ``filters.compile_filter`` (or built by hand).
+        columns: Field names mapped to the columns they compare.
+
+    Returns:
+        ``(sql, params)``: a parenthesised expression using only ``?``
+        placeholders (``"1"`` for the empty ``And``), and its values in order.
+
+    Raises:
+        KeyError: The tree names a field that ``columns`` lacks (a bug, not
+            client input: the compiler only emits fields from its table).
+    """
+    params: list[object] = []
+    return _render(expr, columns, params), params
+
+
+def _render(expr: Expr, columns: dict[str, str], params: list[object]) -> str:
+    # Recursion depth follows the tree's, which the compiler caps (MAX_DEPTH);
+    # long AND/OR chains are one flat node each.
+    if isinstance(expr, Compare):
+        value = expr.value
+        # bool before int: SQLite stores booleans as 0/1 integers.
+        params.append(int(value) if isinstance(value, bool) else value)
+        return f"({columns[expr.field]} {_SQL_OPS[expr.op]} ?)"
+    if isinstance(expr, Match):
+        # LIKE is ASCII case-insensitive, which is what Match promises.
+        params.append("%".join(_like_escape(part) for part in expr.parts))
+        return f"({columns[expr.field]} LIKE ? ESCAPE '\\')"
+    if isinstance(expr, Not):
+        return f"(NOT {_render(expr.term, columns, params)})"
+    if not expr.terms:
+        return "1"  # only And can be empty: true
+    joiner = " AND " if isinstance(expr, And) else " OR "
+    if len(expr.terms) == 1:
+        return _render(expr.terms[0], columns, params)
+    return "(" + joiner.join([_render(term, columns, params) for term in expr.terms]) + ")"
+
 
 class SQLiteStore:
     """The Store over one SQLite database file in WAL mode."""
@@ -573,12 +629,11 @@ class SQLiteStore:
                     self._done.popitem(last=False)
         return None if tenant is not None and batch.tenant != tenant else batch
 
-    async def list_batches(
-        self, tenant: str, where: str, params: Sequence[object], before_seq: int | None, limit: int
-    ) -> list[Batch]:
+    async def list_batches(self, tenant: str, where: Expr, before_seq: int | None, limit: int) -> list[Batch]:
         """Newest first, keyset-paged on seq (see Store)."""
+        sql, params = render_filter(where)
         rows = self._quick_all(
-            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND seq < ? AND ({where}) "
+            f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = ? AND seq < ? AND ({sql}) "
             "ORDER BY seq DESC LIMIT ?",
             (tenant, before_seq if before_seq is not None else 2**62, *params, limit),
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from .domain import Batch, ItemStatus, NewBatch, NewItem, Outcome, PendingItem, ResultRow, State, StoredFile
+from .filters import Expr
 
 RawResult = tuple[int, str, bytes | None, int, bytes | None]
 """A stored request as a worker process reads it: idx, key, metadata,
@@ -73,13 +74,13 @@ class Store(Protocol):
         ``tenant=None`` skips the tenant check (server-internal use).
         """
 
-    async def list_batches(
-        self, tenant: str, where: str, params: Sequence[object], before_seq: int | None, limit: int
-    ) -> list[Batch]:
+    async def list_batches(self, tenant: str, where: Expr, before_seq: int | None, limit: int) -> list[Batch]:
         """Batches newest first, with ``seq < before_seq``, matching ``where``.
 
-        ``where`` is an SQL fragment over the batch columns from the filter
-        compiler, with ``?`` placeholders bound to ``params``.
+        ``where`` is a filter tree (``filters.compile_filter``, or built by
+        hand, e.g. ``Compare("request_id", "=", ...)``) over the batch's
+        domain fields, which each store renders in its own dialect;
+        ``filters.TRUE`` matches every batch.
         """
 
     async def update_batch(

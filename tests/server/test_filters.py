@@ -1,4 +1,5 @@
-"""Tests for the AIP-160 filter compiler."""
+"""Tests for the AIP-160 filter compiler: the trees it builds, and (through the
+SQLite store's renderer) the rows they match."""
 
 from __future__ import annotations
 
@@ -10,7 +11,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longbatch.server.filters import BATCH_FILTER_FIELDS, FilterError, FilterField, compile_filter
+from longbatch.server.filters import (
+    BATCH_FILTER_FIELDS,
+    TRUE,
+    And,
+    Compare,
+    FilterError,
+    FilterField,
+    Match,
+    Not,
+    Or,
+    compile_filter,
+)
+from longbatch.server.sqlite_store import render_filter
 
 
 def _micros(iso: str) -> int:
@@ -41,7 +54,7 @@ def db() -> Iterator[sqlite3.Connection]:
 
 
 def matching(db: sqlite3.Connection, text: str) -> str:
-    sql, params = compile_filter(text, BATCH_FILTER_FIELDS)
+    sql, params = render_filter(compile_filter(text, BATCH_FILTER_FIELDS))
     rows = db.execute(f"SELECT name FROM batches WHERE {sql} ORDER BY name", params).fetchall()
     return "".join(name for (name,) in rows)
 
@@ -114,37 +127,74 @@ def test_matches(db: sqlite3.Connection, text: str, expected: str) -> None:
 
 
 def test_empty_filter_is_true() -> None:
-    assert compile_filter("", BATCH_FILTER_FIELDS) == ("1", [])
-    assert compile_filter("  ", BATCH_FILTER_FIELDS) == ("1", [])
+    assert compile_filter("", BATCH_FILTER_FIELDS) == TRUE == And(())
+    assert compile_filter("  ", BATCH_FILTER_FIELDS) == TRUE
 
 
-def test_values_are_parameters_not_sql() -> None:
-    sql, params = compile_filter('display_name = "x\') OR 1=1 --" AND model = echo', BATCH_FILTER_FIELDS)
-    assert sql == "((display_name IS ?) AND (model IS ?))"
-    assert params == ["x') OR 1=1 --", "models/echo"]
+def test_values_stay_values() -> None:
+    tree = compile_filter('display_name = "x\') OR 1=1 --" AND model = echo', BATCH_FILTER_FIELDS)
+    assert tree == And((Compare("display_name", "=", "x') OR 1=1 --"), Compare("model", "=", "models/echo")))
 
 
-def test_sql_shape() -> None:
-    sql, params = compile_filter("a = 1 AND b = 2 OR -c = 3", _ABC)
-    assert sql == "((ca IS ?) AND ((cb IS ?) OR (NOT (cc IS ?))))"
-    assert params == [1, 2, 3]
-    sql, params = compile_filter('display_name = "50%_*"', BATCH_FILTER_FIELDS)
-    assert sql == "(display_name LIKE ? ESCAPE '\\')"
-    assert params == ["50\\%\\_%"]
+def test_tree_shape() -> None:
+    # OR binds tighter than AND; single terms stand alone, never in a one-term And/Or.
+    assert compile_filter("a = 1 AND b = 2 OR -c = 3", _ABC) == And(
+        (Compare("ca", "=", 1), Or((Compare("cb", "=", 2), Not(Compare("cc", "=", 3)))))
+    )
+    assert compile_filter("a = 1", _ABC) == Compare("ca", "=", 1)
+    assert compile_filter("((a = 1))", _ABC) == Compare("ca", "=", 1)
+    assert compile_filter("a = 1 b = 2 AND c = 3", _ABC) == And(
+        (And((Compare("ca", "=", 1), Compare("cb", "=", 2))), Compare("cc", "=", 3))
+    )
+    assert compile_filter("a < 1 OR a >= 2 OR a != 3", _ABC) == Or(
+        (Compare("ca", "<", 1), Compare("ca", ">=", 2), Compare("ca", "!=", 3))
+    )
 
 
-def test_timestamp_param_is_utc_micros() -> None:
-    _, params = compile_filter('create_time = "1970-01-01T00:00:01.5Z"', BATCH_FILTER_FIELDS)
-    assert params == [1_500_000]
-    _, params = compile_filter('create_time = "1970-01-01T01:00:00+01:00"', BATCH_FILTER_FIELDS)
-    assert params == [0]
-    _, params = compile_filter('create_time = "1969-12-31T23:59:59.999999Z"', BATCH_FILTER_FIELDS)
-    assert params == [-1]
+def test_typed_values() -> None:
+    tree = compile_filter("state = BATCH_STATE_FAILED done = false priority = -7 model = models/x", BATCH_FILTER_FIELDS)
+    assert tree == And(
+        (Compare("state", "=", 4), Compare("done", "=", False), Compare("priority", "=", -7),
+         Compare("model", "=", "models/x"))
+    )
+    assert type(compile_filter("done = true", BATCH_FILTER_FIELDS).value) is bool  # type: ignore[union-attr]
+
+
+def test_wildcards_become_match() -> None:
+    assert compile_filter('display_name = "50%_*"', BATCH_FILTER_FIELDS) == Match("display_name", ("50%_", ""))
+    assert compile_filter("display_name = *ly*", BATCH_FILTER_FIELDS) == Match("display_name", ("", "ly", ""))
+    assert compile_filter('display_name = "a\\*b*"', BATCH_FILTER_FIELDS) == Match("display_name", ("a*b", ""))
+    # An escaped star alone, or '!=', is no wildcard.
+    assert compile_filter('display_name = "a\\*b"', BATCH_FILTER_FIELDS) == Compare("display_name", "=", "a*b")
+    assert compile_filter('display_name != "a*"', BATCH_FILTER_FIELDS) == Compare("display_name", "!=", "a*")
+    # Only wildcard fields match: model compares the star literally, prefix included.
+    assert compile_filter("model = ech*", BATCH_FILTER_FIELDS) == Compare("model", "=", "models/ech*")
+    prefixed = {"m": FilterField("model", "string", value_prefix="models/", wildcard=True)}
+    assert compile_filter("m = ech*", prefixed) == Match("model", ("models/ech", ""))
+    assert compile_filter("m = models/e*", prefixed) == Match("model", ("models/e", ""))
+
+
+def test_timestamp_value_is_utc_micros() -> None:
+    def value(text: str) -> object:
+        tree = compile_filter(f'create_time = "{text}"', BATCH_FILTER_FIELDS)
+        assert isinstance(tree, Compare) and tree.field == "create_time"
+        return tree.value
+
+    assert value("1970-01-01T00:00:01.5Z") == 1_500_000
+    assert value("1970-01-01T01:00:00+01:00") == 0
+    assert value("1969-12-31T23:59:59.999999Z") == -1
 
 
 def test_string_escapes() -> None:
-    _, params = compile_filter(r'display_name = "a\"b\\c\n" display_name = ' + r"'it\'s'", BATCH_FILTER_FIELDS)
-    assert params == ['a"b\\c\n', "it's"]
+    tree = compile_filter(r'display_name = "a\"b\\c\n" display_name = ' + r"'it\'s'", BATCH_FILTER_FIELDS)
+    assert tree == And((Compare("display_name", "=", 'a"b\\c\n'), Compare("display_name", "=", "it's")))
+
+
+def test_trees_are_frozen() -> None:
+    tree = compile_filter("priority = 1", BATCH_FILTER_FIELDS)
+    with pytest.raises(AttributeError):
+        tree.value = 2  # type: ignore[misc, union-attr]
+    assert hash(tree) == hash(Compare("priority", "=", 1))
 
 
 _ABC = {name: FilterField(f"c{name}", "int") for name in "abc"}
@@ -262,9 +312,10 @@ _GRAMMAR = st.sampled_from(
 @given(st.one_of(st.text(max_size=80), st.lists(_GRAMMAR, max_size=25).map(" ".join), st.lists(_GRAMMAR).map("".join)))
 def test_random_text_only_raises_filter_error(db: sqlite3.Connection, text: str) -> None:
     try:
-        sql, params = compile_filter(text, BATCH_FILTER_FIELDS)
+        tree = compile_filter(text, BATCH_FILTER_FIELDS)
     except FilterError:
         return
+    sql, params = render_filter(tree)
     # Whatever compiles must also be valid SQL with matching placeholders.
     assert sql.count("?") == len(params)
     db.execute(f"SELECT count(*) FROM batches WHERE {sql}", params).fetchone()
