@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State, now_us
+from longbatch.server.filters import TRUE, Compare
 from longbatch.server.sqlite_store import MIGRATIONS, SQLiteStore
 from longbatch.server.store import Store, StoreConflict
 
@@ -197,13 +198,13 @@ def reversed_but_one(payloads: list[bytes]) -> list[bytes]:
 async def test_list_is_newest_first_keyset_paged_and_filtered(store: Store) -> None:
     for i in range(7):
         await store.create_batch(new_batch(f"f{i}", priority=i % 2), items(1), DAY_US)
-    page = await store.list_batches("t", "1", [], None, 3)
+    page = await store.list_batches("t", TRUE, None, 3)
     assert [b.id for b in page] == ["f6", "f5", "f4"]
-    page = await store.list_batches("t", "1", [], page[-1].seq, 3)
+    page = await store.list_batches("t", TRUE, page[-1].seq, 3)
     assert [b.id for b in page] == ["f3", "f2", "f1"]
-    odd = await store.list_batches("t", "priority = ?", [1], None, 10)
+    odd = await store.list_batches("t", Compare("priority", "=", 1), None, 10)
     assert [b.id for b in odd] == ["f5", "f3", "f1"]
-    assert await store.list_batches("other", "1", [], None, 10) == []
+    assert await store.list_batches("other", TRUE, None, 10) == []
 
 
 async def test_writes_survive_cancelled_callers(store: Store) -> None:
