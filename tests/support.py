@@ -102,15 +102,16 @@ def metadata_of(op: operations_pb2.Operation) -> batch_pb2.GenerateContentBatch 
     return msg
 
 
-async def wait_done(stubs: Stubs, name: str, within: float = 30.0) -> operations_pb2.Operation:
-    """WaitOperation until done, bounded by ``within`` seconds."""
+async def wait_done(stubs: Stubs, name: str, within: float = 30.0,
+                    metadata: Sequence[tuple[str, str]] | None = None) -> operations_pb2.Operation:
+    """WaitOperation until done, bounded by ``within`` seconds (``metadata``: an API key, say)."""
     deadline = time.monotonic() + within
     while True:
         left = deadline - time.monotonic()
         assert left > 0, f"{name} not done within {within}s"
         req = operations_pb2.WaitOperationRequest(name=name)
         req.timeout.FromNanoseconds(int(min(left, 10) * 1e9))
-        op = await stubs.ops.WaitOperation(req, timeout=min(left, 10) + 5)
+        op = await stubs.ops.WaitOperation(req, metadata=metadata, timeout=min(left, 10) + 5)
         if op.done:
             return op
 
@@ -272,18 +273,22 @@ def broken_runner(lo: int, hi: int, answer: object) -> object:
     raise sqlite3.OperationalError("disk I/O error (injected)")
 
 
-async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """``longbatch ARGS`` in a subprocess: exit code, stdout, stderr."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("LONGBATCH_")}
+async def run_process(*argv: str, env: dict[str, str] | None = None, within: float = 60.0) -> tuple[int, str, str]:
+    """Run a command to its end (killed after ``within`` seconds): exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longbatch.client.cli", *args, env={**clean, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        out, err = await asyncio.wait_for(proc.communicate(), within)
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``longbatch ARGS`` in a subprocess: exit code, stdout, stderr."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LONGBATCH_")}
+    return await run_process(sys.executable, "-m", "longbatch.client.cli", *args, env={**clean, **(env or {})})

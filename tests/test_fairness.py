@@ -26,7 +26,7 @@ from google.longrunning import operations_pb2
 from longbatch.server.config import ApiKey, ExecutorSettings, Limits, ModelConfig, ServerConfig, TenantConfig
 from longbatch.v1 import batch_pb2
 
-from support import Stubs, gen_request, metadata_of
+from support import Stubs, gen_request, metadata_of, wait_done
 
 MODEL = "models/remote"
 CONCURRENCY = 4
@@ -65,15 +65,7 @@ class Tenant:
 
     async def wait(self, name: str, within: float) -> operations_pb2.Operation:
         """WaitOperation until done, bounded by ``within`` seconds."""
-        deadline = time.monotonic() + within
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, f"{name} not done within {within}s"
-            req = operations_pb2.WaitOperationRequest(name=name)
-            req.timeout.FromNanoseconds(int(min(left, 10) * 1e9))
-            op = await self.stubs.ops.WaitOperation(req, metadata=self.md, timeout=min(left, 10) + 5)
-            if op.done:
-                return op
+        return await wait_done(self.stubs, name, within, self.md)
 
     async def cancel(self, names: list[str]) -> None:
         for name in names:

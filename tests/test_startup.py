@@ -12,24 +12,14 @@ import socket
 import sys
 from pathlib import Path
 
-from support import ServerProcess, Stubs, generate_batch, wait_done
+from support import ServerProcess, Stubs, generate_batch, run_process, wait_done
 
 
 async def serve(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Runs ``longbatch serve`` that is expected to stop on its own: exit code and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longbatch.client.cli", "serve", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    code, _, err = await run_process(sys.executable, "-m", "longbatch.client.cli", "serve", *args,
+                                     env={**os.environ, **(env or {})}, within=30)
+    return code, err
 
 
 def one_line(err: str) -> str:

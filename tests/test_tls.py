@@ -35,7 +35,7 @@ from longbatch.server.config import ApiKey, ConfigError, ServerConfig, TlsClient
 from longbatch.server.tls import CertificateReloader, TlsError, TlsFiles
 from longbatch.v1 import content_pb2
 
-from support import ServerProcess, cli
+from support import ServerProcess, cli, run_process
 
 
 def prompt(text: str) -> content_pb2.GenerateContentRequest:
@@ -365,18 +365,8 @@ def test_bad_tls_files_are_one_clear_error(pki: Pki, tmp_path: Path) -> None:
 
 async def serve_exit(*args: str) -> tuple[int, str]:
     """``longbatch serve ARGS`` expected to stop on its own: exit code and stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "longbatch.server.main", "--port", "0", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, err.decode()
+    code, _, err = await run_process(sys.executable, "-m", "longbatch.server.main", "--port", "0", *args, within=30)
+    return code, err
 
 
 async def test_serve_with_bad_tls_files_is_one_line_and_exit_2(pki: Pki, tmp_path: Path) -> None:

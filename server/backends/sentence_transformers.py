@@ -141,7 +141,7 @@ class SentenceTransformersBackend:
         # One thread: torch already spreads one encode over the cores, and
         # two encodes at once would only contend for them.
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="longbatch-encode")
-        self._loaded = self._thread.submit(self._load)
+        self._thread.submit(self._load)  # first on the one thread: every encode runs after it
         self._batcher: MicroBatcher[_Item, list[float]] = MicroBatcher(
             self._encode_group, max_size=group_size or _GROUP_BATCHES * batch_size, max_wait_s=max_wait_s,
             max_in_flight=1)
