@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from concurrent.futures import Executor
 
 import orjson
@@ -55,6 +55,24 @@ _RESPONSE_JSON: dict[BatchKind, Callable[[bytes], bytes]] = {
 }
 
 
+async def result_rows(store: Store, batch: Batch, start_idx: int = 0) -> AsyncGenerator[ResultRow, None]:
+    """Results in order from ``start_idx``, read page by page: up to the
+    first unfinished request while the batch runs, all of them once it is
+    closed (unfinished ones then read as cancelled or expired)."""
+    closed = batch.closed
+    rest_status, rest_result = convert.closed_item(batch.outcome)
+    idx = start_idx
+    while True:
+        page = await store.results(batch.id, idx, _PAGE, to_first_pending=not closed)
+        for row in page:
+            if row.status is ItemStatus.PENDING:
+                row = ResultRow(row.idx, row.key, row.metadata, rest_status, rest_result)
+            yield row
+        if len(page) < _PAGE:
+            return
+        idx = page[-1].idx + 1
+
+
 class Outputs:
     """Builds, stores and caches batch outputs."""
 
@@ -69,22 +87,9 @@ class Outputs:
         self._cached = 0
         self._drafts: dict[str, _Draft] = {}
 
-    async def rows(self, batch: Batch, start_idx: int = 0) -> AsyncIterator[ResultRow]:
-        """Results in order from ``start_idx``, read page by page: up to the
-        first unfinished request while the batch runs, all of them once it is
-        closed (unfinished ones then read as cancelled or expired)."""
-        closed = batch.closed
-        rest_status, rest_result = convert.closed_item(batch.outcome)
-        idx = start_idx
-        while True:
-            page = await self._store.results(batch.id, idx, _PAGE, to_first_pending=not closed)
-            for row in page:
-                if row.status is ItemStatus.PENDING:
-                    row = ResultRow(row.idx, row.key, row.metadata, rest_status, rest_result)
-                yield row
-            if len(page) < _PAGE:
-                return
-            idx = page[-1].idx + 1
+    def rows(self, batch: Batch, start_idx: int = 0) -> AsyncIterator[ResultRow]:
+        """The batch's results; see :func:`result_rows`."""
+        return result_rows(self._store, batch, start_idx)
 
     def begin(self, batch: Batch) -> None:
         """Start drafting the responses file of a running file batch (see the

@@ -20,6 +20,13 @@ bounded concurrency over one shared aiohttp session:
 - nothing here can block or fail a batch: the batch is done before it is
   enqueued, and errors stay inside this module.
 
+With ``WebhookConfig.include_output`` the body also carries the batch's
+output (:func:`notification`): read from the store and rendered once, when
+the deliveries are stored, so a retry re-sends the same bytes. A body with
+its output is at most ``MAX_BODY_WITH_OUTPUT`` bytes, because it is stored
+once per URI and many receivers refuse larger requests; an output that does
+not fit is left out and ``output_omitted`` says so.
+
 Crash safety: a delivery is PENDING in the store until an attempt succeeds or
 the last one fails, so a restart resumes it (an attempt cut short by the
 crash is sent again: delivery is at least once, and ``X-Longbatch-Delivery``
@@ -42,6 +49,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -50,10 +58,12 @@ from google.protobuf import json_format
 
 from longbatch.v1 import batch_pb2
 
+from . import jsonout
 from .config import WebhookSettings
 from .convert import batch_message, timestamp
-from .domain import Batch, now_us
+from .domain import Batch, BatchKind, ItemStatus, ResultRow, State, now_us
 from .netguard import ALLOW_HINT, AllowList, ForbiddenAddress, Guard, host_problem, malformed_host
+from .outputs import result_rows
 from .retry import Backoff, retry_after_from_headers
 from .store import DeliveryStatus, Store, WebhookDelivery
 
@@ -66,39 +76,148 @@ _USER_AGENT = "longbatch-webhooks/1"
 _MAX_ERROR_CHARS = 500
 _RETRY_AFTER_STATUSES = (429, 503)
 
+MAX_BODY_WITH_OUTPUT = 1 << 20
+"""Bytes of a notification body that carries ``output`` (1 MiB).
+
+The body is stored once per URI (up to ``MAX_WEBHOOKS`` copies) and read
+back for every attempt, and 1 MiB is the request limit many receivers ship
+with (nginx's ``client_max_body_size``, aiohttp's ``client_max_size``),
+whereas an inline output may reach half of ``limits.max_inline_output``
+serialized, and its JSON more. A body that would be larger goes without
+``output``, with ``output_omitted``."""
+OUTPUT_TOO_LARGE = "OUTPUT_TOO_LARGE"
+"""``output_omitted`` when the output's JSON would take the body over
+``MAX_BODY_WITH_OUTPUT``: read it with GetOperation or StreamBatchResults."""
+_OUTPUT_KEY = b',"output":'
+_RENDER_ROWS = 1000
+"""Inline responses rendered per hop to a thread: rendering a large
+output (up to ``MAX_BODY_WITH_OUTPUT``) would hold the event loop for
+tens of milliseconds."""
+_RESPONSE_JSON: dict[BatchKind, Callable[[bytes], bytes]] = {
+    BatchKind.GENERATE: jsonout.generate_response_json,
+    BatchKind.EMBED: jsonout.embed_response_json,
+}
+
 
 def sign(secret: str, body: bytes) -> str:
     """The ``X-Longbatch-Signature`` value for ``body``: ``sha256=<hex>``."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def notification_body(batch: Batch) -> bytes:
-    """The JSON body: ``{name, state, batch_stats, end_time, user_metadata}``.
+def notification_body(batch: Batch, output: bytes | None = None, *, output_omitted: str | None = None) -> bytes:
+    """The JSON body: ``{name, state, batch_stats, end_time, user_metadata}``,
+    then ``output`` or ``output_omitted`` when given.
 
     ``batch_stats`` is the proto JSON of BatchStats (camelCase keys, int64 as
     strings, zeros included); ``end_time`` is RFC 3339; ``user_metadata`` is
-    the config's Struct as plain JSON (``{}`` when unset).
+    the config's Struct as plain JSON (``{}`` when unset). ``output`` is JSON
+    already rendered (see :func:`notification`), written as it is, last.
     """
     msg = batch_message(batch)
     end = timestamp(batch.end_time_us)
     config = msg.webhook_config
-    return orjson.dumps({
+    body: dict[str, object] = {
         "name": batch.name,
         "state": batch_pb2.BatchState.Name(int(batch.state)),  # type: ignore[arg-type]
         "batch_stats": json_format.MessageToDict(msg.batch_stats, always_print_fields_with_no_presence=True),
         "end_time": end.ToJsonString() if end is not None else None,
         "user_metadata": json_format.MessageToDict(config.user_metadata) if config.HasField("user_metadata") else {},
-    })
+    }
+    if output is not None:
+        body["output"] = orjson.Fragment(output)
+    elif output_omitted is not None:
+        body["output_omitted"] = output_omitted
+    return orjson.dumps(body)
 
 
-def deliveries_for(batch: Batch) -> list[WebhookDelivery]:
-    """One new delivery per distinct URI of the batch's webhook config."""
+async def notification(store: Store, batch: Batch) -> bytes:
+    """The body sent about a done batch: :func:`notification_body`, with the
+    batch's output when its config sets ``include_output``.
+
+    ``output`` is what GetOperation's ``metadata.output`` holds, in proto
+    JSON: ``{"inlinedResponses": {"inlinedResponses": [...]}}`` (every
+    request in input order; a CANCELLED or EXPIRED batch's unfinished ones as
+    their CANCELLED or DEADLINE_EXCEEDED errors) or ``{"responsesFile":
+    "files/ID"}``. A FAILED batch has no output, so its body has none. An
+    inline output that would take the body over ``MAX_BODY_WITH_OUTPUT`` is
+    replaced by ``"output_omitted": "OUTPUT_TOO_LARGE"``.
+    """
+    base = notification_body(batch)
+    if not batch.webhook or not batch_pb2.WebhookConfig.FromString(batch.webhook).include_output:
+        return base
+    if batch.state is State.FAILED:
+        return base
+    if batch.output_file:
+        return notification_body(batch, orjson.dumps({"responsesFile": f"files/{batch.output_file}"}))
+    # The body with the output is the base body with the key and the
+    # output's JSON before its closing brace.
+    output = await inline_output_json(store, batch, MAX_BODY_WITH_OUTPUT - len(base) - len(_OUTPUT_KEY))
+    if output is None:
+        return notification_body(batch, output_omitted=OUTPUT_TOO_LARGE)
+    return notification_body(batch, output)
+
+
+async def inline_output_json(store: Store, batch: Batch, limit: int) -> bytes | None:
+    """The proto JSON of a done batch's inline output, or None as soon as it
+    is seen to be longer than ``limit`` bytes (the rest is never read)."""
+    parts: list[bytes] = []
+    size = 0
+    rows: list[ResultRow] = []
+
+    async def render() -> bool:
+        nonlocal size
+        chunk = await asyncio.to_thread(_inlined_responses_json, batch.kind, rows)
+        rows.clear()
+        parts.append(chunk)
+        size += len(chunk) + 1  # and a comma
+        return size <= limit
+
+    # Closed at once on an early return: its store read must not wait for
+    # the garbage collector.
+    async with contextlib.aclosing(result_rows(store, batch)) as results:
+        async for row in results:
+            rows.append(row)
+            if len(rows) >= _RENDER_ROWS and not await render():
+                return None
+    if rows and not await render():
+        return None
+    if not parts:
+        return b'{"inlinedResponses":{}}'  # proto JSON leaves an empty repeated field out
+    output = b'{"inlinedResponses":{"inlinedResponses":[' + b",".join(parts) + b"]}}"
+    return output if len(output) <= limit else None
+
+
+def _inlined_responses_json(kind: BatchKind, rows: Sequence[ResultRow]) -> bytes:
+    """``InlinedResponse`` (or ``InlinedEmbedContentResponse``) proto JSON of
+    ``rows``, comma-separated; jsonout renders the messages as json_format
+    would (tests/server/test_jsonout.py), several times faster."""
+    response_json = _RESPONSE_JSON[kind]
+    dumps = orjson.dumps
+    out = []
+    for row in rows:
+        head = b'{"metadata":' + dumps(jsonout.struct(row.metadata)) + b"," if row.metadata is not None else b"{"
+        if row.status is ItemStatus.SUCCEEDED:
+            out.append(head + b'"response":' + response_json(row.result) + b"}")
+        else:
+            out.append(head + b'"error":' + dumps(jsonout.status(row.result)) + b"}")
+    return b",".join(out)
+
+
+def webhook_uris(batch: Batch) -> list[str]:
+    """The distinct URIs of the batch's webhook config, in order."""
     if not batch.webhook:
         return []
-    uris = list(dict.fromkeys(batch_pb2.WebhookConfig.FromString(batch.webhook).uris))
+    return list(dict.fromkeys(batch_pb2.WebhookConfig.FromString(batch.webhook).uris))
+
+
+def deliveries_for(batch: Batch, body: bytes | None = None) -> list[WebhookDelivery]:
+    """One new delivery per distinct URI of the batch's webhook config, each
+    sending ``body`` (default: :func:`notification_body`, without output)."""
+    uris = webhook_uris(batch)
     if not uris:
         return []
-    body = notification_body(batch)
+    if body is None:
+        body = notification_body(batch)
     due = now_us()
     return [WebhookDelivery(id=secrets.token_urlsafe(16), batch_id=batch.id, uri=uri, body=body, attempts=0,
                             next_attempt_us=due) for uri in uris]
@@ -208,7 +327,10 @@ class WebhookDispatcher:
 
     async def enqueue(self, batch: Batch) -> None:
         """Store one PENDING delivery per URI of a done batch and wake the sender."""
-        added = await self._store.add_webhook_deliveries(deliveries_for(batch))
+        if not webhook_uris(batch):
+            return  # nothing to send: the output is not worth reading
+        body = await notification(self._store, batch)
+        added = await self._store.add_webhook_deliveries(deliveries_for(batch, body))
         if added:
             log.info("%s: %d webhook deliveries queued", batch.name, added)
             self._wake.set()

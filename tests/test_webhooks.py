@@ -19,22 +19,29 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import grpc
+import orjson
 import pytest
 from aiohttp import web
 from conftest import MakeServer
 from google.longrunning import operations_pb2
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
+from google.rpc import status_pb2
 from netsafety import FakeDNS
 
-from longbatch.server.config import ConfigError, ServerConfig, WebhookSettings, config_from_dict
+from longbatch.server import webhooks
+from longbatch.server.config import ConfigError, Limits, ServerConfig, WebhookSettings, config_from_dict
+from longbatch.server.convert import closed_item, inline_output
+from longbatch.server.domain import Batch, BatchKind, ItemStatus, ResultRow, State
 from longbatch.server.retry import parse_retry_after
+from longbatch.server.store import Store
 from longbatch.server.validate import MAX_USER_METADATA_BYTES, MAX_WEBHOOKS
-from longbatch.server.webhooks import loggable_uri
-from longbatch.v1 import batch_pb2
+from longbatch.server.webhooks import MAX_BODY_WITH_OUTPUT, OUTPUT_TOO_LARGE, loggable_uri
+from longbatch.v1 import batch_pb2, content_pb2, file_pb2, file_pb2_grpc
 
-from support import ServerProcess, Stubs, details, generate_batch, metadata_of, wait_done
+from support import ServerProcess, Stubs, details, embed_batch, eventually, generate_batch, metadata_of, wait_done
 
 SECRET = "s3cret-webhook-key"
 SUCCEEDED = batch_pb2.BatchState.BATCH_STATE_SUCCEEDED
@@ -142,11 +149,12 @@ def fail_first(n: int, status: int = 500) -> Plan:
 
 
 def webhook_batch(uris: list[str], user_metadata: dict[str, object] | None = None, n: int = 3,
-                  model: str = "models/echo") -> batch_pb2.BatchGenerateContentRequest:
+                  model: str = "models/echo", include_output: bool = False) -> batch_pb2.BatchGenerateContentRequest:
     meta = struct_pb2.Struct()
     if user_metadata:
         meta.update(user_metadata)
-    config = batch_pb2.WebhookConfig(uris=uris, user_metadata=meta if user_metadata else None)
+    config = batch_pb2.WebhookConfig(uris=uris, user_metadata=meta if user_metadata else None,
+                                     include_output=include_output)
     return generate_batch(n, model=model, webhook_config=config)
 
 
@@ -462,3 +470,314 @@ async def test_deleting_a_batch_deletes_its_deliveries(make_server: MakeServer, 
     finally:
         db.close()
         await stubs.channel.close()
+
+
+# -- include_output ------------------------------------------------------------
+
+
+def stored_bodies(data_dir: Path) -> list[bytes]:
+    db = sqlite3.connect(data_dir / "longbatch.db")
+    try:
+        return [bytes(r[0]) for r in db.execute("SELECT body FROM webhook_deliveries ORDER BY uri")]
+    finally:
+        db.close()
+
+
+def output_of(op: operations_pb2.Operation) -> batch_pb2.GenerateContentBatchOutput:
+    """What GetOperation's ``metadata.output`` holds for a generation batch."""
+    meta = metadata_of(op)
+    assert isinstance(meta, batch_pb2.GenerateContentBatch)
+    return meta.output
+
+
+async def test_include_output_sends_inline_responses_in_order(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(200))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()))
+    stubs = Stubs.connect(server.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(
+            webhook_batch([f"{rx.base}/out"], {"job": "with-output"}, n=7, include_output=True))
+        op = await wait_done(stubs, op.name, within=15)
+        await rx.wait_for(lambda: len(rx.hits) == 1)
+        hit = rx.hits[0]
+        assert valid_signature(hit) and not valid_signature(hit, "another key")
+        body = hit.json()
+        # The usual keys, as without include_output, and the output last.
+        assert list(body) == ["name", "state", "batch_stats", "end_time", "user_metadata", "output"]
+        assert body["name"] == op.name and body["state"] == "BATCH_STATE_SUCCEEDED"
+        assert body["user_metadata"] == {"job": "with-output"}
+        output = body["output"]
+        assert isinstance(output, dict) and list(output) == ["inlinedResponses"]
+        entries = output["inlinedResponses"]["inlinedResponses"]
+        assert [e["metadata"] for e in entries] == [{"i": i} for i in range(7)]
+        assert [e["response"]["candidates"][0]["content"]["parts"] for e in entries] == [
+            [{"text": f"prompt {i}"}] for i in range(7)]
+        # Proto JSON of exactly what GetOperation holds (camelCase, like batch_stats).
+        assert "inlined_responses" not in hit.body.decode()
+        parsed = json_format.ParseDict(output, batch_pb2.GenerateContentBatchOutput())
+        assert parsed == output_of(op) and len(parsed.inlined_responses.inlined_responses) == 7
+        # Stored once, as sent: a retry would send (and sign) these bytes again.
+        assert stored_bodies(server.data_dir) == [hit.body]
+        await wait_rows(server.data_dir, lambda rows: [r[1] for r in rows] == ["delivered"])
+    finally:
+        await stubs.channel.close()
+
+
+async def test_include_output_of_an_embedding_batch(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(200))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()))
+    stubs = Stubs.connect(server.target)
+    try:
+        req = embed_batch(4, dim=8)
+        req.batch.webhook_config.CopyFrom(batch_pb2.WebhookConfig(uris=[f"{rx.base}/embed"], include_output=True))
+        op = await wait_done(stubs, (await stubs.batches.AsyncBatchEmbedContent(req)).name, within=15)
+        meta = metadata_of(op)
+        assert isinstance(meta, batch_pb2.EmbedContentBatch)
+        await rx.wait_for(lambda: len(rx.hits) == 1)
+        assert valid_signature(rx.hits[0])
+        output = rx.hits[0].json()["output"]
+        assert isinstance(output, dict)
+        entries = output["inlinedResponses"]["inlinedResponses"]
+        assert [len(e["response"]["embedding"]["values"]) for e in entries] == [8] * 4
+        assert json_format.ParseDict(output, batch_pb2.EmbedContentBatchOutput()) == meta.output
+    finally:
+        await stubs.channel.close()
+
+
+async def test_include_output_names_the_responses_file(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(200))
+    # An output this small's double would not fit: it goes to a responses file.
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast(),
+                                            limits=Limits(max_inline_output=1000)))
+    stubs = Stubs.connect(server.target)
+    files = file_pb2_grpc.FileServiceStub(stubs.channel)
+    try:
+        op = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/file"], n=40, include_output=True))
+        op = await wait_done(stubs, op.name, within=15)
+        name = output_of(op).responses_file
+        assert name.startswith("files/")
+        await rx.wait_for(lambda: len(rx.hits) == 1)
+        assert valid_signature(rx.hits[0])
+        body = rx.hits[0].json()
+        assert body["output"] == {"responsesFile": name} and "output_omitted" not in body
+        data = b"".join([r.data async for r in files.DownloadFile(file_pb2.DownloadFileRequest(name=name))])
+        lines = [json.loads(line) for line in data.splitlines()]
+        assert [(line["index"], line["response"]["candidates"][0]["content"]["parts"][0]["text"])
+                for line in lines] == [(i, f"prompt {i}") for i in range(40)]
+    finally:
+        await stubs.channel.close()
+
+
+async def test_without_include_output_the_body_has_no_output(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(200))
+    # Twice an output plus 64 KiB of headroom must fit: 2 responses do, 200 do not.
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast(),
+                                            limits=Limits(max_inline_output=70_000)))
+    stubs = Stubs.connect(server.target)
+    try:
+        inline = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/inline"], n=2))
+        to_file = await stubs.batches.BatchGenerateContent(webhook_batch([f"{rx.base}/file"], n=200))
+        inline_op = await wait_done(stubs, inline.name, within=15)
+        file_op = await wait_done(stubs, to_file.name, within=15)
+        assert output_of(inline_op).HasField("inlined_responses") and output_of(file_op).responses_file
+        await rx.wait_for(lambda: len(rx.on("/inline")) == 1 and len(rx.on("/file")) == 1)
+        for hit in rx.hits:
+            assert valid_signature(hit)
+            assert list(hit.json()) == ["name", "state", "batch_stats", "end_time", "user_metadata"]
+            assert b"inlinedResponses" not in hit.body and b"responsesFile" not in hit.body
+    finally:
+        await stubs.channel.close()
+
+
+async def test_include_output_of_a_cancelled_batch_keeps_finished_results(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(200))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()))
+    stubs = Stubs.connect(server.target)
+    try:
+        op = await stubs.batches.BatchGenerateContent(
+            webhook_batch([f"{rx.base}/cancelled"], n=2000, model="models/echo-slow", include_output=True))
+
+        async def some_ran() -> bool:
+            got = await stubs.ops.GetOperation(operations_pb2.GetOperationRequest(name=op.name))
+            return metadata_of(got).batch_stats.successful_request_count > 0
+
+        await eventually(some_ran, within=15, what="a request of the batch finished")
+        await stubs.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name))
+        op = await wait_done(stubs, op.name, within=15)
+        meta = metadata_of(op)
+        assert meta.state == batch_pb2.BatchState.BATCH_STATE_CANCELLED
+        ok, cancelled = meta.batch_stats.successful_request_count, meta.batch_stats.cancelled_request_count
+        assert ok > 0 and cancelled > 0 and ok + cancelled == 2000
+        await rx.wait_for(lambda: len(rx.hits) == 1)
+        assert valid_signature(rx.hits[0])
+        body = rx.hits[0].json()
+        assert body["state"] == "BATCH_STATE_CANCELLED"
+        output = body["output"]
+        assert isinstance(output, dict)
+        entries = output["inlinedResponses"]["inlinedResponses"]
+        # Every request, in order: the finished ones' responses, then the
+        # rest as the CANCELLED errors GetOperation shows.
+        assert len(entries) == 2000 and [e["metadata"] for e in entries] == [{"i": i} for i in range(2000)]
+        assert sum("response" in e for e in entries) == ok
+        assert {e["error"]["code"] for e in entries if "error" in e} == {1}
+        assert json_format.ParseDict(output, batch_pb2.GenerateContentBatchOutput()) == output_of(op)
+    finally:
+        await stubs.channel.close()
+
+
+async def test_include_output_of_a_failed_batch_has_none(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    rx = await receivers(lambda _path, _n: Reply(200))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast()))
+    stubs = Stubs.connect(server.target)
+    files = file_pb2_grpc.FileServiceStub(stubs.channel)
+    try:
+        async def bad_input() -> AsyncIterator[file_pb2.CreateFileRequest]:
+            yield file_pb2.CreateFileRequest(file=file_pb2.File(display_name="bad.jsonl"))
+            yield file_pb2.CreateFileRequest(data=b'{"request": {"contents": []}}\nnot json\n')
+
+        uploaded = await files.CreateFile(bad_input())
+        op = await stubs.batches.BatchGenerateContent(batch_pb2.BatchGenerateContentRequest(
+            batch=batch_pb2.GenerateContentBatch(
+                model="models/echo", input_config=batch_pb2.InputConfig(file_name=uploaded.name),
+                webhook_config=batch_pb2.WebhookConfig(uris=[f"{rx.base}/failed"], include_output=True))))
+        op = await wait_done(stubs, op.name, within=15)
+        assert metadata_of(op).state == batch_pb2.BatchState.BATCH_STATE_FAILED
+        assert not metadata_of(op).HasField("output") and op.HasField("error")
+        await rx.wait_for(lambda: len(rx.hits) == 1)
+        assert valid_signature(rx.hits[0])
+        body = rx.hits[0].json()
+        assert body["state"] == "BATCH_STATE_FAILED"
+        assert list(body) == ["name", "state", "batch_stats", "end_time", "user_metadata"]
+    finally:
+        await stubs.channel.close()
+
+
+def _long_prompt_batch(uri: str, n: int, chars: int) -> batch_pb2.BatchGenerateContentRequest:
+    """``n`` prompts of ``chars`` characters each (echoed back), include_output set."""
+    reqs = [batch_pb2.InlinedRequest(request=content_pb2.GenerateContentRequest(contents=[
+        content_pb2.Content(parts=[content_pb2.Part(text=f"{i:04d}" + "x" * (chars - 4))])])) for i in range(n)]
+    return batch_pb2.BatchGenerateContentRequest(batch=batch_pb2.GenerateContentBatch(
+        model="models/echo", input_config=batch_pb2.InputConfig(requests=batch_pb2.InlinedRequests(requests=reqs)),
+        webhook_config=batch_pb2.WebhookConfig(uris=[uri], include_output=True)))
+
+
+async def test_output_too_large_for_a_body_is_omitted(
+    make_server: MakeServer, receivers: Callable[[Plan], Awaitable[Receiver]]
+) -> None:
+    """An inline output may be larger than a webhook body may be: up to
+    MAX_BODY_WITH_OUTPUT it is sent (and the receiver's stock 1 MiB limit
+    takes it); beyond, the body says it was left out."""
+    rx = await receivers(lambda _path, _n: Reply(200))
+    server = await make_server(ServerConfig(webhook_secret=SECRET, webhooks=fast(),
+                                            limits=Limits(max_inline_output=16 << 20)))
+    stubs = Stubs.connect(server.target)
+    try:
+        chars = 100_000
+        fits = await stubs.batches.BatchGenerateContent(_long_prompt_batch(f"{rx.base}/fits", 10, chars))
+        over = await stubs.batches.BatchGenerateContent(_long_prompt_batch(f"{rx.base}/over", 11, chars))
+        for op in (fits, over):
+            assert output_of(await wait_done(stubs, op.name, within=30)).HasField("inlined_responses")
+        await rx.wait_for(lambda: len(rx.on("/fits")) == 1 and len(rx.on("/over")) == 1)
+
+        sent = rx.on("/fits")[0]
+        assert 10 * chars < len(sent.body) <= MAX_BODY_WITH_OUTPUT and valid_signature(sent)
+        output = sent.json()["output"]
+        assert isinstance(output, dict)
+        texts = [e["response"]["candidates"][0]["content"]["parts"][0]["text"]
+                 for e in output["inlinedResponses"]["inlinedResponses"]]
+        assert [t[:4] for t in texts] == [f"{i:04d}" for i in range(10)] and {len(t) for t in texts} == {chars}
+
+        omitted = rx.on("/over")[0]
+        assert valid_signature(omitted) and len(omitted.body) < 4096
+        body = omitted.json()
+        assert "output" not in body and body["output_omitted"] == OUTPUT_TOO_LARGE
+        assert body["state"] == "BATCH_STATE_SUCCEEDED"
+        # What is stored is what was sent: no megabytes kept per URI.
+        assert sorted(stored_bodies(server.data_dir), key=len) == [omitted.body, sent.body]
+    finally:
+        await stubs.channel.close()
+
+
+class _Results:
+    """A store that has only result rows (all ``notification`` reads)."""
+
+    def __init__(self, rows: list[ResultRow]) -> None:
+        self.rows = rows
+        self.read = 0
+
+    async def results(self, batch_id: str, start_idx: int, limit: int, *, to_first_pending: bool = True
+                      ) -> list[ResultRow]:
+        page = self.rows[start_idx:start_idx + limit]
+        self.read += len(page)
+        return page
+
+
+def _done_batch(n: int, state: State = State.EXPIRED) -> Batch:
+    config = batch_pb2.WebhookConfig(uris=["https://hooks.example.com/x"], include_output=True)
+    return Batch(id="b1", seq=1, tenant="t", kind=BatchKind.GENERATE, model="models/echo", display_name="",
+                 priority=0, state=state, done=True, create_time_us=1_000_000, update_time_us=2_000_000,
+                 end_time_us=2_000_000, input_file=None, request_count=n, succeeded=n // 3, failed=n // 3,
+                 cancelled=0, expired=n - 2 * (n // 3), error=None, output_file=None,
+                 webhook=config.SerializeToString(), ingested=True)
+
+
+def _rows(n: int) -> list[ResultRow]:
+    """Responses, errors (one with details) and unfinished requests, some with metadata."""
+    out = []
+    for i in range(n):
+        meta = struct_pb2.Struct()
+        meta.update({"i": i, "tags": ["a", "b"]})
+        metadata = meta.SerializeToString() if i % 2 else None
+        if i % 3 == 0:
+            reply = content_pb2.GenerateContentResponse(candidates=[content_pb2.Candidate(
+                content=content_pb2.Content(parts=[content_pb2.Part(text=f"answer {i}")], role="model"))])
+            out.append(ResultRow(i, "", metadata, ItemStatus.SUCCEEDED, reply.SerializeToString()))
+        elif i % 3 == 1:
+            error = status_pb2.Status(code=8, message=f"quota {i}")
+            if i % 2:
+                error.details.add().Pack(struct_pb2.Value(string_value="detail"))
+            out.append(ResultRow(i, "", metadata, ItemStatus.FAILED, error.SerializeToString()))
+        else:
+            out.append(ResultRow(i, "", metadata, ItemStatus.PENDING, b""))
+    return out
+
+
+async def test_notification_output_is_exact_proto_json_within_the_body_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output is the proto JSON of what GetOperation builds from the same
+    rows (unfinished requests reading as the batch's end), over several
+    rendering chunks; a body one byte over the limit goes without it, and
+    reading stops once the limit is passed."""
+    n = 2500
+    batch, rows = _done_batch(n), _rows(n)
+    store = _Results(rows)
+    body = await webhooks.notification(cast(Store, store), batch)
+    rest = closed_item(batch.state)
+    closed = [r if r.status is not ItemStatus.PENDING else ResultRow(r.idx, r.key, r.metadata, *rest) for r in rows]
+    expected = batch_pb2.GenerateContentBatchOutput.FromString(inline_output(closed))
+    got = orjson.loads(body)
+    assert json_format.ParseDict(got["output"], batch_pb2.GenerateContentBatchOutput()) == expected
+    assert got["output"] == json_format.MessageToDict(expected)
+    assert body == webhooks.notification_body(batch, orjson.dumps(got["output"]))
+    assert [e["error"]["code"] for e in got["output"]["inlinedResponses"]["inlinedResponses"][2::3]] == [4] * (n // 3)
+
+    monkeypatch.setattr(webhooks, "MAX_BODY_WITH_OUTPUT", len(body))
+    assert await webhooks.notification(cast(Store, _Results(rows)), batch) == body
+    monkeypatch.setattr(webhooks, "MAX_BODY_WITH_OUTPUT", len(body) - 1)
+    assert orjson.loads(await webhooks.notification(cast(Store, _Results(rows)), batch)) == {
+        **{k: v for k, v in got.items() if k != "output"}, "output_omitted": OUTPUT_TOO_LARGE}
+    monkeypatch.setattr(webhooks, "MAX_BODY_WITH_OUTPUT", len(body) // 10)
+    early = _Results(rows)
+    assert b'"output_omitted"' in await webhooks.notification(cast(Store, early), batch)
+    assert early.read < n  # the rows past the limit were never read

@@ -158,6 +158,14 @@ class WebhookConfig(_message.Message):
 
     URIS_FIELD_NUMBER: _builtins.int
     USER_METADATA_FIELD_NUMBER: _builtins.int
+    INCLUDE_OUTPUT_FIELD_NUMBER: _builtins.int
+    include_output: _builtins.bool
+    """Also send the batch's results in the notification: `output`, the
+    batch's output in proto JSON (its inline responses, or the name of its
+    responses file), as GetOperation's `metadata.output` holds it. A FAILED
+    batch has none; an output too large for a notification is left out and
+    `output_omitted` says so (see docs/reference.md#webhooks).
+    """
     @_builtins.property
     def uris(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """HTTP(S) endpoints that each receive a POST."""
@@ -171,10 +179,11 @@ class WebhookConfig(_message.Message):
         *,
         uris: _abc.Iterable[_builtins.str] | None = ...,
         user_metadata: _struct_pb2.Struct | None = ...,
+        include_output: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["user_metadata", b"user_metadata"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["uris", b"uris", "user_metadata", b"user_metadata"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_output", b"include_output", "uris", b"uris", "user_metadata", b"user_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
