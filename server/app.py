@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from longbatch.v1 import batch_pb2_grpc, file_pb2_grpc, model_pb2_grpc, quota_pb2_grpc
 
 from .backends import create_backend
+from .batch_requests import BatchRequests
 from .config import ServerConfig
 from .datadir import DB_NAME, secure_data_dir
 from .domain import Batch
@@ -31,6 +32,7 @@ from .outputs import Outputs
 from .paging import PageTokens
 from .quotas import Quotas
 from .reflection import enable_reflection
+from .rest.app import HttpSurface
 from .retention import RetentionPurge
 from .services.batches import BatchService
 from .services.files import FileService
@@ -39,6 +41,7 @@ from .services.operations import OperationsService
 from .services.quotas import QuotaService
 from .sqlite_store import SQLiteStore
 from .tls import CertificateReloader
+from .views import OperationViews
 from .webhooks import WebhookDispatcher
 from .workers import WorkerPool
 
@@ -69,7 +72,13 @@ class Running:
     workers: WorkerPool | None = None
     outputs: Outputs | None = None
     retention: RetentionPurge | None = None
+    http: HttpSurface | None = None
     _stopped: bool = False
+
+    @property
+    def http_port(self) -> int:
+        """The REST API's port (0 when HTTP is off)."""
+        return self.http.port if self.http is not None else 0
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Health NOT_SERVING, finish in-flight RPCs, stop the executor, close
@@ -79,6 +88,8 @@ class Running:
         self._stopped = True
         grace = self.grace_s if grace_s is None else grace_s
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.executor.stop(grace)
         if self.outputs is not None:  # after the executor, which writes outputs of the batches it finishes
@@ -97,25 +108,28 @@ class Running:
 
 async def start_server(
     config: ServerConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
-    tls: CertificateReloader | None = None,
+    tls: CertificateReloader | None = None, http_port: int | None = None,
 ) -> Running:
     """Build every part, bind ``host:port`` (0 picks a free port) and start.
 
     With ``tls`` the port speaks TLS only (mTLS when it has a client CA);
     without, plaintext: ``longbatch serve`` decides which a host may have.
+    With ``http_port`` (0 picks a free one) the REST API listens there too,
+    on the same host and with the same TLS.
     """
     secure_data_dir(data_dir)  # before SQLite and the file storage create anything there
     store = SQLiteStore(data_dir / DB_NAME)
     await store.open()
     try:
-        return await _assemble(config, data_dir, store, host, port, tls)
+        return await _assemble(config, data_dir, store, host, port, tls, http_port)
     except BaseException:
         await store.close()
         raise
 
 
 async def _assemble(
-    config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int, tls: CertificateReloader | None
+    config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int, tls: CertificateReloader | None,
+    http_port: int | None,
 ) -> Running:
     files = FileStorage(data_dir / "files")
     files.prepare()
@@ -156,10 +170,14 @@ async def _assemble(
     )
     # The generated add_* functions only call the registration methods, which
     # EdgeRegistrar provides; it stands in for the server to wrap each handler.
-    edge = cast(grpc.aio.Server, EdgeRegistrar(server, Authenticator(config.api_keys, config.tls_clients)))
-    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(manager, config.limits, config.webhooks), edge)
-    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager), edge)
-    model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(config.models, tokens), edge)
+    auth = Authenticator(config.api_keys, config.tls_clients)
+    edge = cast(grpc.aio.Server, EdgeRegistrar(server, auth))
+    batch_requests = BatchRequests(manager, config.limits, config.webhooks)
+    batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(batch_requests), edge)
+    views = OperationViews(manager)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsService(manager, views), edge)
+    model_service = ModelService(config.models, tokens)
+    model_pb2_grpc.add_ModelServiceServicer_to_server(model_service, edge)
     file_manager = FileManager(store, files, config.limits, tokens, on_large_upload=workers.warm, quotas=quotas)
     file_pb2_grpc.add_FileServiceServicer_to_server(FileService(file_manager), edge)
     quota_pb2_grpc.add_QuotaServiceServicer_to_server(QuotaService(quotas), edge)
@@ -174,6 +192,10 @@ async def _assemble(
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot listen on {address}")
+    http = None
+    if http_port is not None:
+        http = HttpSurface(auth, batch_requests, views, file_manager, model_service,
+                           max_body=config.limits.max_create_bytes)
     await webhooks.start()
     await executor.start()
     await server.start()
@@ -183,5 +205,14 @@ async def _assemble(
     file_expiry.start()
     retention = RetentionPurge(store, files, outputs, config.limits.retention_s)
     retention.start()
-    return Running(bound, server, health_servicer, executor, store, config.grace_period_s, file_expiry=file_expiry,
-                   webhooks=webhooks, workers=workers, outputs=outputs, retention=retention)
+    running = Running(bound, server, health_servicer, executor, store, config.grace_period_s,
+                      file_expiry=file_expiry, webhooks=webhooks, workers=workers, outputs=outputs,
+                      retention=retention, http=http)
+    if http is not None and http_port is not None:
+        # Last, once everything it calls runs; a port it cannot have stops the rest again.
+        try:
+            await http.start(host, http_port, tls.ssl_context() if tls is not None else None, config.grace_period_s)
+        except OSError as e:
+            await running.stop(0)
+            raise OSError(f"cannot listen for HTTP on {host}:{http_port}: {e.strerror or e}") from e
+    return running

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     # A string default goes through type=int too: a bad LONGBATCH_PORT is a usage error, not a traceback.
     p.add_argument("--port", type=int, default=env("LONGBATCH_PORT", "50051"),
                    help="port; 0 picks a free one (LONGBATCH_PORT, default 50051)")
+    p.add_argument("--http-port", type=_http_port, default=env("LONGBATCH_HTTP_PORT", "8080"), metavar="PORT|off",
+                   help="port of the HTTP API (Gemini REST, /metrics, /healthz) on the same host; 0 picks a free "
+                        "one, 'off' disables it (LONGBATCH_HTTP_PORT, default 8080)")
     p.add_argument("--data-dir", type=Path, default=Path(env("LONGBATCH_DATA_DIR", "./longbatch-data")),
                    help="SQLite database and files (LONGBATCH_DATA_DIR, default ./longbatch-data)")
     p.add_argument("--config", type=Path, default=Path(c) if (c := env("LONGBATCH_CONFIG")) else None,
@@ -63,6 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=env("LONGBATCH_LOG_LEVEL", "INFO"),
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="(LONGBATCH_LOG_LEVEL, default INFO)")
     return p
+
+
+def _http_port(value: str) -> int | None:
+    """``--http-port``: a port number, or None for ``off``."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port (0-65535; 0 picks a free one) or 'off', got {value!r}")
+    return port
 
 
 def _path(value: str | None) -> Path | None:
@@ -176,6 +192,9 @@ async def serve(args: argparse.Namespace) -> int:
         tls = CertificateReloader(TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca))
     if args.port and (why := _bind_failure(args.host, args.port)) is not None:
         raise StartupError(f"cannot listen on {args.host}:{args.port}: {why}")
+    if args.http_port and (why := _bind_failure(args.host, args.http_port)) is not None:
+        raise StartupError(f"cannot listen for HTTP on {args.host}:{args.http_port}: "
+                           f"{why.replace('--port', '--http-port')}")
     # Everything the server creates from here on (database, -wal, -shm, files,
     # results written by worker processes, which inherit it) is private to
     # this user; datadir and files also set 0600 explicitly, for servers
@@ -204,7 +223,7 @@ async def _run(config: ServerConfig, args: argparse.Namespace, tls: CertificateR
         # them now and logs the outcome, for an operator who wants to know.
         loop.add_signal_handler(signal.SIGHUP, tls.reload_now)
     try:
-        running = await start_server(config, args.data_dir, args.host, args.port, tls)
+        running = await start_server(config, args.data_dir, args.host, args.port, tls, args.http_port)
     except RuntimeError as e:
         if "bind" not in str(e):
             raise StartupError(f"cannot start: {e}") from e
@@ -231,6 +250,10 @@ async def _run(config: ServerConfig, args: argparse.Namespace, tls: CertificateR
     # Printed only once signals are handled: a supervisor may stop us as soon
     # as it reads this line.
     print(f"longbatch listening on {args.host}:{running.port}", flush=True)
+    if running.http is not None:
+        scheme = "https" if tls is not None else "http"
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"longbatch http listening on {scheme}://{host}:{running.http_port}", flush=True)
     if running.workers is not None:
         # A long-running server starts its worker processes now (about a
         # second of their CPU, in the background) rather than making the

@@ -212,6 +212,34 @@ class CertificateReloader:
         log.info("%s: new connections get the certificate from %s", reason, self.files.cert)
         return True
 
+    def ssl_context(self) -> ssl.SSLContext:
+        """An ``ssl`` context for the HTTP port with the same certificate (and
+        client CA under mTLS), taking up changed files as gRPC does: checked
+        at every handshake, swapped in for new connections."""
+        current = [self._served, self._context()]
+
+        def on_hello(connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+            try:
+                with self._lock:
+                    self._check(reason="the TLS files changed")
+                    if current[0] != self._served:
+                        current[:] = [self._served, self._context()]
+                connection.context = current[1]  # type: ignore[assignment]
+            except Exception:  # raised here, it would fail the handshake
+                log.exception("TLS certificate check failed; serving the current certificate")
+
+        listener = self._context()
+        listener.sni_callback = on_hello
+        return listener
+
+    def _context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.files.cert, self.files.key, password=_encrypted_key)
+        if self.files.client_ca is not None:
+            context.load_verify_locations(cadata=(self._material.client_ca or b"").decode("ascii"))
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
     def reload_now(self) -> bool:
         """Read the files now (SIGHUP), whether or not they look changed; True
         if the new set validated and new connections will get it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,10 @@ from longbatch.server.config import ServerConfig
 
 from support import Stubs
 
+# Servers the tests start as processes take a free HTTP port, not 8080: two
+# may run at once, and the machine may have something on 8080.
+os.environ.setdefault("LONGBATCH_HTTP_PORT", "0")
+
 
 @dataclass
 class ServerHandle:
@@ -23,6 +28,11 @@ class ServerHandle:
     port: int
     data_dir: Path
     running: Running
+
+    @property
+    def http(self) -> str:
+        """Base URL of the server's HTTP API."""
+        return f"http://127.0.0.1:{self.running.http_port}"
 
 
 MakeServer = Callable[..., Awaitable[ServerHandle]]
@@ -35,7 +45,7 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
 
     async def make(config: ServerConfig | None = None, data_dir: Path | None = None) -> ServerHandle:
         data = data_dir or tmp_path / f"data{len(started)}"
-        running = await start_server(config or ServerConfig(), data, "127.0.0.1", 0)
+        running = await start_server(config or ServerConfig(), data, "127.0.0.1", 0, http_port=0)
         started.append(running)
         return ServerHandle(f"127.0.0.1:{running.port}", running.port, data, running)
 

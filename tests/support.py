@@ -220,10 +220,11 @@ class ServerProcess:
         self.extra = list(extra)
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
+        self.http_port = 0
 
     async def start(self, within: float = 20.0) -> str:
         """Start (again) and return the target once it listens."""
-        args = ["-m", "longbatch.server.main", "--port", "0", "--data-dir", str(self.data_dir),
+        args = ["-m", "longbatch.server.main", "--port", "0", "--http-port", "0", "--data-dir", str(self.data_dir),
                 "--log-level", "WARNING", *self.extra]
         if self.config:
             args += ["--config", str(self.config)]
@@ -233,6 +234,10 @@ class ServerProcess:
         line = (await asyncio.wait_for(self.proc.stdout.readline(), within)).decode()
         assert line.startswith("longbatch listening on 127.0.0.1:"), line
         self.port = int(line.rsplit(":", 1)[1])
+        if "--http-port" not in self.extra:
+            line = (await asyncio.wait_for(self.proc.stdout.readline(), within)).decode()
+            assert line.startswith("longbatch http listening on http://127.0.0.1:"), line
+            self.http_port = int(line.rsplit(":", 1)[1])
         return f"127.0.0.1:{self.port}"
 
     async def kill(self) -> None:

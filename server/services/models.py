@@ -49,7 +49,17 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         self, request: model_pb2.ListModelsRequest, context: Context
     ) -> model_pb2.ListModelsResponse:
         """A page of models."""
-        size, after = read_page_request(self._tokens, request.page_size, request.page_token, "models", str)
+        return await self.list_models(request.page_size, request.page_token)
+
+    async def GetModel(
+        self, request: model_pb2.GetModelRequest, context: Context
+    ) -> model_pb2.Model:
+        """One model by name."""
+        return self.get_model(request.name)
+
+    async def list_models(self, page_size: int, page_token: str) -> model_pb2.ListModelsResponse:
+        """A page of models in name order (both surfaces' rule)."""
+        size, after = read_page_request(self._tokens, page_size, page_token, "models", str)
         start = 0
         if after is not None:
             start = next((i for i, m in enumerate(self._models) if m.name > str(after)), len(self._models))
@@ -58,14 +68,12 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
         token = self._tokens.encode("models", (page[-1].name,)) if more and page else ""
         return model_pb2.ListModelsResponse(models=[model_message(m) for m in page], next_page_token=token)
 
-    async def GetModel(
-        self, request: model_pb2.GetModelRequest, context: Context
-    ) -> model_pb2.Model:
-        """One model by name."""
+    def get_model(self, name: str) -> model_pb2.Model:
+        """One model by name, or NotFound (both surfaces' rule)."""
         v = Violations()
-        validate_model_name(request.name, v, "name")
+        validate_model_name(name, v, "name")
         v.raise_if_any("name")
         for m in self._models:
-            if m.name == request.name:
+            if m.name == name:
                 return model_message(m)
-        raise NotFound(f"{request.name} not found", reason="MODEL_NOT_FOUND")
+        raise NotFound(f"{name} not found", reason="MODEL_NOT_FOUND")

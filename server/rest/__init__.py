@@ -1,0 +1,1 @@
+"""The Gemini REST API over HTTP (aiohttp.web), beside the gRPC API."""

@@ -1,0 +1,212 @@
+"""The HTTP surface: the Gemini REST API, ``/metrics`` and ``/healthz``, on
+aiohttp.web in the server's own event loop.
+
+One middleware wraps every route, as the gRPC edge wraps every method: it
+authenticates the caller (the same keys and tenants as gRPC: an
+``x-goog-api-key`` or ``authorization: Bearer`` header, or ``?key=``; a
+client certificate under mTLS), turns every error into the Google error body
+through one table (``errors.HTTP_STATUS``), answers an unexpected exception
+with a generic 500 (the traceback goes to the log, never to the client) and
+times the request for the metrics. ``/metrics``, ``/healthz`` and the chunk
+requests of a resumable upload (authorised by their upload id) take no key.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Final
+
+from aiohttp import web
+from google.rpc import code_pb2
+
+from ..batch_requests import BatchRequests
+from ..edge import Authenticator
+from ..errors import Internal, ServiceError
+from ..file_manager import FileManager
+from ..services.models import ModelService
+from ..views import OperationViews
+from .batches import BatchRoutes
+from .common import MAX_BODY, set_tenant
+from .errors import HttpError, error_response, plain_error
+from .files import FileRoutes
+from .models import ModelRoutes
+from .uploads import UploadSessions
+
+log = logging.getLogger("longbatch.http")
+
+VERSIONS: Final = "v1beta|v1"
+"""API versions served: the google-genai SDK's default changed between releases."""
+_PUBLIC: Final = frozenset({"healthz", "metrics"})
+
+Observe = Callable[[str, str, int, float], None]
+"""A metrics hook: (route, method, status, seconds)."""
+Exposition = Callable[[], tuple[bytes, str]]
+"""The metrics page: (body, content type)."""
+
+
+class HttpSurface:
+    """The REST API as an aiohttp application, started and stopped with the server."""
+
+    def __init__(
+        self,
+        auth: Authenticator,
+        requests: BatchRequests,
+        views: OperationViews,
+        files: FileManager,
+        models: ModelService,
+        max_body: int,
+        metrics: Exposition | None = None,
+        observe: Observe | None = None,
+    ) -> None:
+        self._auth = auth
+        self._observe = observe
+        self._metrics = metrics
+        self._serving = False
+        self.uploads = UploadSessions(files)
+        """The open resumable uploads."""
+        self.app = web.Application(middlewares=[self._edge], client_max_size=max_body, handler_args=None)
+        self.app[MAX_BODY] = max_body
+        router = self.app.router
+        router.add_get("/healthz", self._healthz, name="healthz")
+        router.add_get("/metrics", self._metrics_page, name="metrics")
+        prefix = "/{version:" + VERSIONS + "}"
+        BatchRoutes(requests, views).add_to(router, prefix)
+        FileRoutes(files, self.uploads).add_to(router, VERSIONS)
+        ModelRoutes(models).add_to(router, prefix)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        """The bound port, once started."""
+
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                    grace_s: float = 5.0) -> int:
+        """Listen on ``host:port`` (0 picks a free port) and return the port."""
+        runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=grace_s)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._serving = True
+        address = runner.addresses[0]
+        self.port = int(address[1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening, finish requests in flight (within the grace
+        period), drop open uploads. Safe to call twice."""
+        self._serving = False
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        await self.uploads.close()
+
+    # -- the edge ---------------------------------------------------------------
+
+    @web.middleware
+    async def _edge(self, request: web.Request,
+                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.name or "unmatched"
+        status = 500
+        try:
+            response = await self._handle(request, handler, route)
+            status = response.status
+            return response
+        finally:
+            if self._observe is not None:
+                self._observe(route, request.method, status, time.perf_counter() - started)
+
+    async def _handle(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                      route: str) -> web.StreamResponse:
+        try:
+            if route not in _PUBLIC and not (route == "files.upload" and "upload_id" in request.query):
+                set_tenant(request, self._tenant(request))
+            return await handler(request)
+        except ServiceError as e:
+            return error_response(e)
+        except web.HTTPException as e:
+            return _http_exception(e, request)
+        except ConnectionError:
+            # The client went away mid-request (an upload cut, say): nobody
+            # reads an answer; what it sent was dropped by the handler.
+            log.debug("client left during %s %s", request.method, request.path)
+            return web.Response(status=499)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.path)
+            return error_response(Internal("internal error; see the server log"))
+
+    def _tenant(self, request: web.Request) -> str:
+        if self._auth.open:
+            return self._auth.tenant_for(())
+        credentials: list[tuple[str, str | bytes]] = []
+        if (key := request.headers.get("x-goog-api-key")) is not None:
+            credentials.append(("x-goog-api-key", key))
+        elif (key := request.query.get("key")) is not None:
+            credentials.append(("x-goog-api-key", key))
+        if (bearer := request.headers.get("authorization")) is not None:
+            credentials.append(("authorization", bearer))
+        peer = None
+        if self._auth.uses_certificates:
+            def peer() -> Mapping[str, Iterable[bytes]]:
+                return _certificate_names(request)
+        return self._auth.tenant_for(credentials, peer)
+
+    # -- public routes ----------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        if not self._serving:
+            return web.Response(status=503, text="shutting down\n")
+        return web.Response(text="ok\n")
+
+    async def _metrics_page(self, request: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise HttpError(404, code_pb2.NOT_FOUND, "metrics are off", reason="METRICS_OFF")
+        body, content_type = self._metrics()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+
+def _http_exception(e: web.HTTPException, request: web.Request) -> web.StreamResponse:
+    """aiohttp's own refusals (no route, wrong method, body too large) as Google errors."""
+    if isinstance(e, web.HTTPNotFound):
+        return plain_error(404, code_pb2.NOT_FOUND, f"no route {request.method} {request.path[:200]}",
+                           "ROUTE_NOT_FOUND")
+    if isinstance(e, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(e.allowed_methods))
+        response = plain_error(405, code_pb2.UNIMPLEMENTED,
+                               f"{request.method} is not allowed on {request.path[:200]}; allowed: {allowed}",
+                               "METHOD_NOT_ALLOWED")
+        response.headers["Allow"] = allowed
+        return response
+    if isinstance(e, web.HTTPRequestEntityTooLarge):
+        return plain_error(413, code_pb2.RESOURCE_EXHAUSTED, "request body too large", "REQUEST_TOO_LARGE")
+    if e.status < 400:
+        return e  # a redirect: pass it on
+    code = code_pb2.INTERNAL if e.status >= 500 else code_pb2.INVALID_ARGUMENT
+    return plain_error(e.status, code, e.reason, "HTTP_ERROR")
+
+
+def _certificate_names(request: web.Request) -> dict[str, list[bytes]]:
+    """The verified client certificate's names, shaped as gRPC's auth context."""
+    names: dict[str, list[bytes]] = {"x509_common_name": [], "peer_uri": [], "peer_dns": []}
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    if not cert:
+        return names
+    for rdn in cert.get("subject", ()):
+        for attribute, value in rdn:
+            if attribute == "commonName":
+                names["x509_common_name"].append(value.encode())
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "URI":
+            names["peer_uri"].append(value.encode())
+        elif kind == "DNS":
+            names["peer_dns"].append(value.encode())
+    return names

@@ -1,0 +1,139 @@
+"""Batches over HTTP: create, get, list, cancel, delete and update, in the
+Gemini REST shape. Each handler parses, calls the use cases shared with
+gRPC (``BatchRequests``, ``BatchManager``, ``OperationViews``) and renders."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+
+from longbatch.v1 import batch_pb2
+
+from .. import convert
+from ..batch_requests import BatchRequests
+from ..errors import InvalidArgument
+from ..validate import parse_name
+from ..views import OperationViews
+from . import codec
+from .common import json_body, page_size, str_param, tenant
+from .errors import HttpError
+
+_CREATE = {
+    "batchGenerateContent": (batch_pb2.BatchGenerateContentRequest, "generate"),
+    "asyncBatchEmbedContent": (batch_pb2.AsyncBatchEmbedContentRequest, "embed"),
+}
+_UPDATE = {
+    "updateGenerateContentBatch": (batch_pb2.GenerateContentBatch, "generate"),
+    "updateEmbedContentBatch": (batch_pb2.EmbedContentBatch, "embed"),
+}
+_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def json_response(body: bytes) -> web.Response:
+    """A 200 answer with a JSON body (the SDK takes only 200 as success)."""
+    return web.Response(body=body, content_type="application/json")
+
+
+_EMPTY = b"{}"
+
+
+def _split(tail: str) -> tuple[str, str]:
+    """``ID:action`` into its parts (``action`` empty when absent)."""
+    name, _, action = tail.partition(":")
+    return name, action
+
+
+def _unknown_method(method: str, action: str, resource: str) -> HttpError:
+    return HttpError(404, 5, f"no method {method} {resource}:{action[:60]}", reason="METHOD_NOT_FOUND")
+
+
+class BatchRoutes:
+    """The batch routes' handlers."""
+
+    def __init__(self, requests: BatchRequests, views: OperationViews) -> None:
+        self._requests = requests
+        self._manager = requests.manager
+        self._views = views
+
+    def add_to(self, router: web.UrlDispatcher, prefix: str) -> None:
+        """Register under ``prefix`` (``/{version}``)."""
+        router.add_post(prefix + "/models/{tail}", self.create, name="batches.create")
+        router.add_get(prefix + "/batches", self.list, name="batches.list")
+        router.add_get(prefix + "/batches/{tail}", self.get, name="batches.get")
+        router.add_post(prefix + "/batches/{tail}", self.post_action, name="batches.action")
+        router.add_delete(prefix + "/batches/{tail}", self.delete, name="batches.delete")
+        router.add_patch(prefix + "/batches/{tail}", self.update, name="batches.update")
+
+    async def create(self, request: web.Request) -> web.Response:
+        """``POST /{v}/models/{model}:batchGenerateContent`` (or ``:asyncBatchEmbedContent``)."""
+        model, action = _split(request.match_info["tail"])
+        if action not in _CREATE:
+            raise _unknown_method("POST", action, f"models/{model}")
+        message_type, kind = _CREATE[action]
+        body = await json_body(request, "request body")
+        if kind == "embed":
+            codec.accept_gemini_enums(body)
+        parsed = codec.to_message(body, message_type(), f"{action} request")
+        if parsed.HasField("batch"):
+            # The model is the URL's; a body naming another is a mistake worth saying.
+            if parsed.batch.model and parsed.batch.model != f"models/{model}":
+                raise InvalidArgument(f"batch.model is {parsed.batch.model[:80]!r} but the URL names models/{model}",
+                                      violations=[("batch.model", "differs from the model in the URL")])
+            parsed.batch.model = f"models/{model}"
+        view = await self._requests.create(tenant(request), parsed.batch if parsed.HasField("batch") else None,
+                                           parsed.request_id)
+        return json_response(self._views.of(view).rendered("rest", codec.operation_json))
+
+    async def get(self, request: web.Request) -> web.Response:
+        """``GET /{v}/batches/{id}``: the batch as an Operation."""
+        batch_id, action = _split(request.match_info["tail"])
+        if action:
+            raise _unknown_method("GET", action, f"batches/{batch_id}")
+        view = await self._views.get(tenant(request), parse_name(f"batches/{batch_id}", "batches"))
+        return json_response(view.rendered("rest", codec.operation_json))
+
+    async def list(self, request: web.Request) -> web.Response:
+        """``GET /{v}/batches?pageSize=&pageToken=&filter=``: newest first."""
+        batches, token = await self._manager.list(
+            tenant(request), "batches", str_param(request, "filter"), page_size(request),
+            str_param(request, "pageToken", "page_token"),
+        )
+        body: dict[str, object] = {"operations": [codec.operation_dict(self._views.listed(b)) for b in batches]}
+        if token:  # never an empty token: the SDK would ask for a page after the last
+            body["nextPageToken"] = token
+        return json_response(codec.dumps(body))
+
+    async def post_action(self, request: web.Request) -> web.Response:
+        """``POST /{v}/batches/{id}:cancel``."""
+        batch_id, action = _split(request.match_info["tail"])
+        if action != "cancel":
+            raise _unknown_method("POST", action, f"batches/{batch_id}")
+        await self._manager.cancel(tenant(request), parse_name(f"batches/{batch_id}", "batches"))
+        return json_response(_EMPTY)
+
+    async def delete(self, request: web.Request) -> web.Response:
+        """``DELETE /{v}/batches/{id}``: a done batch with its results."""
+        batch_id, action = _split(request.match_info["tail"])
+        if action:
+            raise _unknown_method("DELETE", action, f"batches/{batch_id}")
+        await self._manager.delete(tenant(request), parse_name(f"batches/{batch_id}", "batches"))
+        return json_response(_EMPTY)
+
+    async def update(self, request: web.Request) -> web.Response:
+        """``PATCH /{v}/batches/{id}:updateGenerateContentBatch?updateMask=displayName,priority``."""
+        batch_id, action = _split(request.match_info["tail"])
+        if action not in _UPDATE:
+            raise _unknown_method("PATCH", action, f"batches/{batch_id}")
+        message_type, kind = _UPDATE[action]
+        body = await json_body(request, "batch")
+        batch = codec.to_message(body, message_type(), "batch")
+        name = f"batches/{batch_id}"
+        if batch.name and batch.name != name:
+            raise InvalidArgument(f"the body's name {batch.name[:80]!r} differs from the URL's {name}",
+                                  violations=[("name", "differs from the URL")])
+        batch.name = name
+        paths = [_CAMEL.sub(lambda m: "_" + m.group(1).lower(), p.strip())
+                 for p in str_param(request, "updateMask", "update_mask").split(",") if p.strip()]
+        view = await self._requests.update(tenant(request), batch, paths, kind)
+        return json_response(codec.batch_json(convert.batch_message(view.batch, view.output, view.waiting_reason)))
