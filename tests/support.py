@@ -236,7 +236,8 @@ class ServerProcess:
         self.port = int(line.rsplit(":", 1)[1])
         if "--http-port" not in self.extra:
             line = (await asyncio.wait_for(self.proc.stdout.readline(), within)).decode()
-            assert line.startswith("longbatch http listening on http://127.0.0.1:"), line
+            assert line.startswith(("longbatch http listening on http://127.0.0.1:",
+                                    "longbatch http listening on https://127.0.0.1:")), line
             self.http_port = int(line.rsplit(":", 1)[1])
         return f"127.0.0.1:{self.port}"
 
@@ -278,10 +279,11 @@ def broken_runner(lo: int, hi: int, answer: object) -> object:
     raise sqlite3.OperationalError("disk I/O error (injected)")
 
 
-async def run_process(*argv: str, env: dict[str, str] | None = None, within: float = 60.0) -> tuple[int, str, str]:
+async def run_process(*argv: str, env: dict[str, str] | None = None, within: float = 60.0,
+                      cwd: Path | None = None) -> tuple[int, str, str]:
     """Run a command to its end (killed after ``within`` seconds): exit code, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        *argv, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), within)

@@ -56,14 +56,15 @@ class BatchRoutes:
         self._manager = requests.manager
         self._views = views
 
-    def add_to(self, router: web.UrlDispatcher, prefix: str) -> None:
-        """Register under ``prefix`` (``/{version}``)."""
-        router.add_post(prefix + "/models/{tail}", self.create, name="batches.create")
-        router.add_get(prefix + "/batches", self.list, name="batches.list")
-        router.add_get(prefix + "/batches/{tail}", self.get, name="batches.get")
-        router.add_post(prefix + "/batches/{tail}", self.post_action, name="batches.action")
-        router.add_delete(prefix + "/batches/{tail}", self.delete, name="batches.delete")
-        router.add_patch(prefix + "/batches/{tail}", self.update, name="batches.update")
+    def add_to(self, router: web.UrlDispatcher, version: str) -> None:
+        """Register under ``/{version}``."""
+        v = f"/{version}"
+        router.add_get(v + "/batches/{tail}", self.get, name=f"{version}.batches.get")
+        router.add_post(v + "/batches/{tail}", self.post_action, name=f"{version}.batches.action")
+        router.add_delete(v + "/batches/{tail}", self.delete, name=f"{version}.batches.delete")
+        router.add_patch(v + "/batches/{tail}", self.update, name=f"{version}.batches.update")
+        router.add_get(v + "/batches", self.list, name=f"{version}.batches.list")
+        router.add_post(v + "/models/{tail}", self.create, name=f"{version}.batches.create")
 
     async def create(self, request: web.Request) -> web.Response:
         """``POST /{v}/models/{model}:batchGenerateContent`` (or ``:asyncBatchEmbedContent``)."""

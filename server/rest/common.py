@@ -28,8 +28,10 @@ def tenant(request: web.Request) -> str:
 
 
 def version(request: web.Request) -> str:
-    """The API version in the path: ``v1beta`` or ``v1``."""
-    return request.match_info["version"]
+    """The API version in the path: ``v1beta`` or ``v1`` (after ``/upload``
+    or ``/download`` for those routes)."""
+    parts = request.path.split("/", 3)
+    return parts[2] if parts[1] in ("upload", "download") else parts[1]
 
 
 def base_url(request: web.Request) -> str:

@@ -39,14 +39,14 @@ class FileRoutes:
         self._files = files
         self._sessions = sessions
 
-    def add_to(self, router: web.UrlDispatcher, version_pattern: str) -> None:
-        """Register for the versions ``version_pattern`` matches."""
-        v = "/{version:" + version_pattern + "}"
-        router.add_post("/upload" + v + "/files", self.upload, name="files.upload")
-        router.add_get(v + "/files", self.list, name="files.list")
-        router.add_get(v + "/files/{tail}", self.get, name="files.get")
-        router.add_delete(v + "/files/{tail}", self.delete, name="files.delete")
-        router.add_get("/download" + v + "/files/{tail}", self.download_route, name="files.download")
+    def add_to(self, router: web.UrlDispatcher, version: str) -> None:
+        """Register under ``/{version}``, ``/upload/{version}`` and ``/download/{version}``."""
+        v = f"/{version}"
+        router.add_post("/upload" + v + "/files", self.upload, name=f"{version}.files.upload")
+        router.add_get(v + "/files", self.list, name=f"{version}.files.list")
+        router.add_get(v + "/files/{tail}", self.get, name=f"{version}.files.get")
+        router.add_delete(v + "/files/{tail}", self.delete, name=f"{version}.files.delete")
+        router.add_get("/download" + v + "/files/{tail}", self.download_route, name=f"{version}.files.download")
 
     # -- metadata -------------------------------------------------------------
 

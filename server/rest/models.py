@@ -19,10 +19,10 @@ class ModelRoutes:
     def __init__(self, models: ModelService) -> None:
         self._models = models
 
-    def add_to(self, router: web.UrlDispatcher, prefix: str) -> None:
-        """Register under ``prefix`` (``/{version}``)."""
-        router.add_get(prefix + "/models", self.list, name="models.list")
-        router.add_get(prefix + "/models/{tail}", self.get, name="models.get")
+    def add_to(self, router: web.UrlDispatcher, version: str) -> None:
+        """Register under ``/{version}``."""
+        router.add_get(f"/{version}/models", self.list, name=f"{version}.models.list")
+        router.add_get(f"/{version}/models/{{tail}}", self.get, name=f"{version}.models.get")
 
     async def list(self, request: web.Request) -> web.Response:
         """A page of models, in name order."""
