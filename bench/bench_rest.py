@@ -237,7 +237,37 @@ def big_file(work: Path, mib: int) -> dict[str, Any]:
     peak = max(phases.get("upload", 0.0), phases.get("download", 0.0))
     return {"mib": mib, "upload_s": upload_s, "download_s": download_s, "rss_before_mb": before,
             "rss_peak_upload_mb": phases.get("upload"), "rss_peak_download_mb": phases.get("download"),
-            "rss_growth_mb": peak - before, "sha256_match": True}
+            "rss_growth_mb": peak - before, "sha256_match": True, "picture": _draw(sampler.samples, mib, before)}
+
+
+def _draw(samples: list[tuple[float, float, str]], mib: int, before: float) -> str:
+    """bench/out/rest_file_rss.png, the server's RSS through the upload and the download, if
+    matplotlib is importable (not a dependency); say what happened."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: matplotlib is not importable"
+    out = SCRIPT.parent / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for phase, colour in (("idle", "grey"), ("upload", "tab:blue"), ("download", "tab:green"), ("after", "grey")):
+        points = [(t, mb) for t, mb, p in samples if p == phase]
+        if points:
+            ax.plot([t for t, _ in points], [mb for _, mb in points], color=colour, label=phase)
+    ax.axhline(before + 50, color="red", linestyle="--", linewidth=1, label="target: +50 MB")
+    ax.set_ylim(0, max(before + 80, max(mb for _, mb, _ in samples) + 20))
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("server RSS (MB)")
+    ax.set_title(f"longbatch server RSS: {mib} MiB uploaded, then downloaded, through the google-genai SDK")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    path = out / "rest_file_rss.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
 
 
 def main() -> int:
@@ -286,6 +316,7 @@ def main() -> int:
         print(f"| {big['mib']} MiB up + down through the SDK | RSS {big['rss_before_mb']:.0f} MB before, peak "
               f"+{big['rss_growth_mb']:.1f} MB (up {big['upload_s']:.1f} s, down {big['download_s']:.1f} s) | "
               f"< 50 MB {'met' if big['rss_growth_mb'] < 50 else 'MISSED'} |")
+        print(f"RSS picture: {big['picture']}")
     print(json.dumps(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))

@@ -71,11 +71,8 @@ class BatchRoutes:
         model, action = _split(request.match_info["tail"])
         if action not in _CREATE:
             raise _unknown_method("POST", action, f"models/{model}")
-        message_type, kind = _CREATE[action]
-        body = await json_body(request, "request body")
-        if kind == "embed":
-            codec.accept_gemini_enums(body)
-        parsed = codec.to_message(body, message_type(), f"{action} request")
+        message_type, _ = _CREATE[action]
+        parsed = codec.create_request(await json_body(request, "request body"), message_type(), action)
         if parsed.HasField("batch"):
             # The model is the URL's; a body naming another is a mistake worth saying.
             if parsed.batch.model and parsed.batch.model != f"models/{model}":

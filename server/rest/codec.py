@@ -27,7 +27,9 @@ from google.protobuf.message import Message
 
 from longbatch.v1 import file_pb2, model_pb2
 
+from .. import jsonl
 from ..errors import InvalidArgument
+from ..validate import Violations
 
 M = TypeVar("M", bound=Message)
 
@@ -58,6 +60,64 @@ def to_message(value: dict[str, Any], message: M, what: str) -> M:
         shown = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN - 3] + "..."
         raise InvalidArgument(f"invalid {what}: {shown}", reason="INVALID_REQUEST_BODY",
                               violations=[("body", shown)]) from None
+    return message
+
+
+def create_request(body: dict[str, Any], message: M, kind: str) -> M:
+    """A create body (``{"batch": {...}, "requestId"?}``) parsed into ``message``.
+
+    The inline requests, which can be 10,000 in one body, go through the
+    same fast parser as the lines of a JSONL file (``jsonl``, about ten
+    times quicker than ``ParseDict`` and accepting the same JSON, Gemini's
+    short task type names included), each error naming its request; the
+    rest of the body goes through ``ParseDict``.
+    """
+    batch = body.get("batch")
+    if not isinstance(batch, dict) or ("input_config" in batch and "inputConfig" in batch):
+        return to_message(body, message, f"{kind} request")
+    config_key = "input_config" if "input_config" in batch else "inputConfig"
+    config = batch.get(config_key)
+    inlined = config.get("requests") if isinstance(config, dict) else None
+    items = inlined.get("requests") if isinstance(inlined, dict) else None
+    if not isinstance(config, dict) or not isinstance(inlined, dict) or not isinstance(items, list) \
+            or len(inlined) != 1:
+        return to_message(body, message, f"{kind} request")
+    rest = {**body, "batch": {**batch, config_key: {**config, "requests": {}}}}
+    to_message(rest, message, f"{kind} request")
+    target = message.batch.input_config.requests.requests  # type: ignore[attr-defined]
+    parse_line = jsonl.parse_generate_line if kind == "batchGenerateContent" else jsonl.parse_embed_line
+    v = Violations()
+    for i, item in enumerate(items):
+        where = f"batch.input_config.requests.requests[{i}]"
+        if type(item) is not dict:
+            v.add(where, "must be an object holding 'request' and, optionally, 'metadata'")
+            continue
+        unknown = [k for k in item if k not in ("request", "metadata")]
+        if unknown:
+            v.add(where, f"unknown field {unknown[0][:60]!r}; an item holds 'request' and 'metadata'")
+            continue
+        request = item.get("request")
+        if request is None:
+            v.add(f"{where}.request", "is required")
+            continue
+        try:
+            _, parsed = parse_line(orjson.dumps({"request": request}))
+        except jsonl.LineError as e:
+            v.add(f"{where}.request", str(e).removeprefix("request").lstrip(": "))
+            continue
+        entry = target.add()
+        entry.request.CopyFrom(parsed)
+        metadata = item.get("metadata")
+        if metadata is not None:
+            try:
+                json_format.ParseDict(metadata, entry.metadata)
+            except (json_format.ParseError, ValueError, TypeError, AttributeError) as e:
+                v.add(f"{where}.metadata", f"must be a JSON object: {str(e)[:100]}")
+    if v.items:
+        field, problem = v.items[0]
+        more = f" (and {v.total - 1} more)" if v.total > 1 else ""
+        raise InvalidArgument(f"invalid {kind} request: {field} {problem}{more}", reason="INVALID_REQUEST_BODY",
+                              violations=v.items)
     return message
 
 
@@ -104,26 +164,6 @@ def _flatten_item_errors(output: dict[str, Any] | None) -> None:
 # buf's lint wants enum values prefixed with the enum's name; Gemini's REST
 # names them bare. Out, the bare names; in, both.
 _FINISH_REASONS = {f"FINISH_REASON_{n}": n for n in ("STOP", "MAX_TOKENS", "SAFETY", "OTHER")}
-_TASK_TYPE_PREFIX = "TASK_TYPE_"
-
-
-def accept_gemini_enums(body: dict[str, Any]) -> None:
-    """Let an embed create body name task types as Gemini does
-    (``RETRIEVAL_DOCUMENT`` for ``TASK_TYPE_RETRIEVAL_DOCUMENT``), in place."""
-    batch = body.get("batch")
-    config = batch.get("inputConfig", batch.get("input_config")) if isinstance(batch, dict) else None
-    inlined = config.get("requests") if isinstance(config, dict) else None
-    items = inlined.get("requests") if isinstance(inlined, dict) else None
-    if not isinstance(items, list):
-        return
-    for item in items:
-        request = item.get("request") if isinstance(item, dict) else None
-        if not isinstance(request, dict):
-            continue
-        for key in ("taskType", "task_type"):
-            value = request.get(key)
-            if isinstance(value, str) and value and not value.startswith(_TASK_TYPE_PREFIX):
-                request[key] = _TASK_TYPE_PREFIX + value
 
 
 _FILE_STATES = {"STATE_UNSPECIFIED": "STATE_UNSPECIFIED", "STATE_PROCESSING": "PROCESSING",
