@@ -1,11 +1,13 @@
-"""The gRPC edge: auth (API keys, client certificates), tenant scoping and
-error mapping.
+"""The gRPC edge: auth (API keys, client certificates), tenant scoping,
+error mapping and call metrics.
 
 Every method handler is wrapped once, when its servicer is registered
 (``EdgeRegistrar``), so that servicers never deal with either concern: a
 handler sees the caller's tenant through ``current_tenant()`` and raises
 ``ServiceError``s; anything else it raises is logged and answered INTERNAL
 with a generic message, so no client ever sees UNKNOWN or a traceback.
+Each call's time and status code go to ``longbatch_grpc_server_handling_seconds``
+(two clock reads and one histogram add per call, ~0.3 µs in all).
 
 The caller is authenticated before its request is parsed: the wrapped
 handlers are registered without a deserializer, so gRPC hands over the raw
@@ -23,9 +25,11 @@ tenant.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -34,6 +38,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from .config import ApiKey, TlsClient
 from .errors import Internal, InvalidArgument, ServiceError, Unauthenticated
+from .metrics import Metrics, code_name
 
 log = logging.getLogger("longbatch.edge")
 
@@ -260,7 +265,7 @@ GenericHandler: TypeAlias = "grpc.GenericRpcHandler[Any, Any]"
 
 class EdgeRegistrar:
     """Adds servicers to a server with every method handler wrapped, once,
-    by the edge: auth, tenant and error mapping.
+    by the edge: auth, tenant, error mapping and call metrics.
 
     Pass it where generated ``add_*Servicer_to_server`` functions expect the
     server (they only call the two methods below). Wrapping at registration
@@ -269,26 +274,31 @@ class EdgeRegistrar:
     reflection are added to the server directly: they need no key.
     """
 
-    def __init__(self, server: grpc.aio.Server, auth: Authenticator) -> None:
+    def __init__(self, server: grpc.aio.Server, auth: Authenticator, metrics: Metrics | None = None) -> None:
+        """Register on ``server``; calls are timed into ``metrics`` (a private one when None)."""
         self._server = server
         self._auth = auth
+        self._metrics = metrics or Metrics()
 
     def add_generic_rpc_handlers(self, handlers: Sequence[GenericHandler]) -> None:
         """Register generic handlers whose method handlers come out wrapped."""
-        self._server.add_generic_rpc_handlers(tuple(_EdgeGenericHandler(h, self._auth) for h in handlers))
+        self._server.add_generic_rpc_handlers(
+            tuple(_EdgeGenericHandler(h, self._auth, self._metrics) for h in handlers))
 
     def add_registered_method_handlers(self, service: str, method_handlers: dict[str, Handler]) -> None:
         """Register a service's method handlers, wrapped."""
         # Missing from grpc-stubs; grpc.aio servers have it since 1.63.
         self._server.add_registered_method_handlers(  # type: ignore[attr-defined]
-            service, {name: _wrap(h, f"/{service}/{name}", self._auth) for name, h in method_handlers.items()}
+            service,
+            {name: _wrap(h, f"/{service}/{name}", self._auth, self._metrics) for name, h in method_handlers.items()},
         )
 
 
 class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    def __init__(self, inner: GenericHandler, auth: Authenticator) -> None:
+    def __init__(self, inner: GenericHandler, auth: Authenticator, metrics: Metrics) -> None:
         self._inner = inner
         self._auth = auth
+        self._metrics = metrics
         self._wrapped: dict[str, Handler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
@@ -298,11 +308,24 @@ class _EdgeGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg]
             handler = self._inner.service(handler_call_details)
             if handler is None:
                 return None  # not ours; unknown names are not cached (clients choose them)
-            wrapped = self._wrapped[method] = _wrap(handler, method, self._auth)
+            wrapped = self._wrapped[method] = _wrap(handler, method, self._auth, self._metrics)
         return wrapped
 
 
-def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
+def _aborted_code(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The code a call was aborted with, as its metrics label."""
+    code: Any = context.code()  # a grpc.StatusCode, or its int on some versions
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return code_name(code) if isinstance(code, int) else "UNKNOWN"
+
+
+def _error_code(exc: Exception) -> str:
+    """The code ``fail`` answers ``exc`` with, as its metrics label."""
+    return code_name(exc.code) if isinstance(exc, ServiceError) else "INTERNAL"
+
+
+def _wrap(handler: Handler, method: str, auth: Authenticator, metrics: Metrics) -> Handler:
     def enter(context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if auth.open:
             _tenant.set(OPEN_TENANT)
@@ -320,31 +343,50 @@ def _wrap(handler: Handler, method: str, auth: Authenticator) -> Handler:
     h: Any = handler
     streamed_requests = bool(h.stream_unary or h.stream_stream)
     parse = _parser(h.request_deserializer)
+    observe_ok, observe = metrics.grpc_observers(method)
+    clock = time.perf_counter
 
     def unary(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            started = clock()
             try:
                 enter(context)  # before the request is parsed: see the module docstring
                 request = _parsed(request, parse) if streamed_requests else parse(request)
-                return await behavior(request, context)
+                response = await behavior(request, context)
             except grpc.aio.AbortError:
+                observe(_aborted_code(context), clock() - started)
+                raise
+            except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+                observe("CANCELLED", clock() - started)
                 raise
             except Exception as exc:
+                observe(_error_code(exc), clock() - started)
                 await fail(context, exc)
+            else:
+                observe_ok(clock() - started)
+                return response
 
         return call
 
     def streaming(behavior: Behavior) -> Behavior:
         async def call(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            started = clock()
             try:
                 enter(context)  # before the request is parsed: see the module docstring
                 request = _parsed(request, parse) if streamed_requests else parse(request)
                 async for item in behavior(request, context):
                     yield item
             except grpc.aio.AbortError:
+                observe(_aborted_code(context), clock() - started)
+                raise
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+                observe("CANCELLED", clock() - started)
                 raise
             except Exception as exc:
+                observe(_error_code(exc), clock() - started)
                 await fail(context, exc)
+            else:
+                observe_ok(clock() - started)
 
         return call
 

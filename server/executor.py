@@ -54,6 +54,7 @@ from .backends.base import BulkGenerate, PortableGenerate, RawGenerate
 from .config import ExecutorSettings
 from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
 from .ingest import IngestFailed
+from .metrics import Metrics, ModelLoad
 from .notifier import Notifier
 from .outputs import Outputs
 from .retry import Backoff
@@ -143,6 +144,8 @@ class _ModelQueue:
         # A tenant's turn is its weight in chunks: one dispatch takes a chunk.
         self.runs: FairScheduler[_Run] = FairScheduler(chunk, weights)
         self.wakeup = asyncio.Event()
+        self.dispatched = 0
+        """Requests workers hold: taken from the scheduler and not yet persisted."""
         self.take: Callable[[_Run], list[PendingItem] | range | None] = lambda run: None
         """What a run hands out now (``Executor._take``, bound once: _next runs per dispatch)."""
         # Requests read from the store at a time; the next read starts once
@@ -175,11 +178,14 @@ class Executor:
         read_input: Callable[[Batch], Awaitable[int]] | None = None,
         workers: WorkerPool | None = None,
         tenant_weights: Mapping[str, int] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """Build an executor; ``start`` resumes batches and starts the workers.
 
         ``tenant_weights`` (tenant -> weight, default 1 each) sets each
-        tenant's share of every model while several have work.
+        tenant's share of every model while several have work. ``metrics``
+        gets finished requests, backend call latencies and retries, and
+        reads the scheduler's state per scrape (a private one when None).
         """
         self._store = store
         self._pool = workers
@@ -219,6 +225,11 @@ class Executor:
         self._stopping = False
         self.on_terminal: Callable[[Batch], None] | None = None
         """Called with each batch that becomes done (webhooks hook in here)."""
+        metrics = metrics or Metrics()
+        self._progress = metrics.progress
+        self._call_seconds = {name: metrics.backend_call_seconds.labels(name) for name in models}
+        self._retries = {name: metrics.backend_retries.labels(name) for name in models}
+        metrics.model_load = self.model_load
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -226,6 +237,7 @@ class Executor:
         """Resume unfinished batches and start the workers."""
         cutoff = now_us() - self._batch_ttl_us
         for batch in await self._store.unfinished_batches():
+            self._progress.track(batch)  # what it has finished counted before this start
             if batch.final_state is not None:
                 self._spawn(self.finish(batch.id, batch.final_state, None))
             elif batch.create_time_us < cutoff:
@@ -286,10 +298,17 @@ class Executor:
         """The admission gate of a configured model (its in-flight limit and outage state)."""
         return self._gates[model]
 
+    def model_load(self) -> dict[str, ModelLoad]:
+        """Each configured model's requests in workers' hands, in-flight
+        limit and outage pause (the metrics read this per scrape)."""
+        return {name: ModelLoad(queue.dispatched, self._gates[name].limit, self._gates[name].paused)
+                for name, queue in self._queues.items()}
+
     # -- scheduling -------------------------------------------------------------
 
     def submit(self, batch: Batch) -> None:
         """Schedule a stored batch that is not done."""
+        self._progress.track(batch)
         queue = self._queues.get(batch.model)
         if queue is None:
             # The model was removed from the config while the batch waited.
@@ -467,26 +486,31 @@ class Executor:
                 await queue.wakeup.wait()
                 continue
             run, items = picked
-            if isinstance(items, range):
-                await self._execute_range(model, run, items)
-                continue
-            # Wait for the commit before taking more work: answered but
-            # unsaved results are lost (and re-run) if the process dies, so
-            # they must stay bounded by the model's concurrency.
-            if len(items) > 1:
-                # A chunk is a group already. Committing it at once, rather
-                # than through the writer task, starts the transaction on the
-                # store's thread now, while other workers answer their chunks.
-                answers = await self._execute_bulk(model, items) if run.kind is BatchKind.GENERATE else None
-                if answers is not None:
-                    await self._persist_answers(run.batch_id, items, answers)
+            held = len(items)
+            queue.dispatched += held
+            try:
+                if isinstance(items, range):
+                    await self._execute_range(model, run, items)
+                    continue
+                # Wait for the commit before taking more work: answered but
+                # unsaved results are lost (and re-run) if the process dies, so
+                # they must stay bounded by the model's concurrency.
+                if held > 1:
+                    # A chunk is a group already. Committing it at once, rather
+                    # than through the writer task, starts the transaction on the
+                    # store's thread now, while other workers answer their chunks.
+                    answers = await self._execute_bulk(model, items) if run.kind is BatchKind.GENERATE else None
+                    if answers is not None:
+                        await self._persist_answers(run.batch_id, items, answers)
+                    else:
+                        await self._persist([await self._execute(model, run, item) for item in items])
                 else:
-                    await self._persist([await self._execute(model, run, item) for item in items])
-            else:
-                committed = asyncio.get_running_loop().create_future()
-                self._results.put_nowait(([await self._execute(model, run, items[0])], committed))
-                await committed
-            done_without_yield += len(items)
+                    committed = asyncio.get_running_loop().create_future()
+                    self._results.put_nowait(([await self._execute(model, run, items[0])], committed))
+                    await committed
+            finally:
+                queue.dispatched -= held
+            done_without_yield += held
             if done_without_yield >= _YIELD_EVERY:
                 # A backend that never suspends (echo) must not starve the loop.
                 done_without_yield = 0
@@ -523,7 +547,9 @@ class Executor:
         assert model.raw_generate_many is not None
         task = asyncio.current_task()
         assert task is not None
-        self._deadlines[task] = asyncio.get_running_loop().time() + self._settings.request_timeout_s
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        self._deadlines[task] = started + self._settings.request_timeout_s
         try:
             results = await model.raw_generate_many([item.payload for item in items])
         except asyncio.CancelledError:
@@ -536,12 +562,14 @@ class Executor:
             results = None
         finally:
             self._deadlines.pop(task, None)
+            self._call_seconds[model.name].observe(loop.time() - started)
         return results if results is not None and len(results) == len(items) else None
 
     async def _execute(self, model: ModelRuntime, run: _Run, item: PendingItem) -> Outcome:
         """Run one request to its outcome: call, retry, wait out outages."""
         settings = self._settings
         gate = self._gates[model.name]
+        call_seconds = self._call_seconds[model.name]
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -587,6 +615,7 @@ class Executor:
                 gate.ok()
                 return Outcome(run.batch_id, item.idx, ItemStatus.SUCCEEDED, result)
             finally:
+                call_seconds.observe(loop.time() - started)
                 self._deadlines.pop(task, None)
                 if task in self._timed_out:
                     # The backend turned the watchdog's cancellation into
@@ -605,6 +634,7 @@ class Executor:
             if not retryable or attempt >= settings.max_attempts or self._stopping or run.batch_id not in self._runs:
                 status = status_pb2.Status(code=error, message=message)
                 return Outcome(run.batch_id, item.idx, ItemStatus.FAILED, status.SerializeToString())
+            self._retries[model.name].inc()
             await asyncio.sleep(self._backoff.delay(attempt, retry_after))
 
     async def _watchdog(self) -> None:
@@ -671,6 +701,9 @@ class Executor:
             self._finish_if_complete(batch)
 
     def _finish_if_complete(self, batch: Batch) -> None:
+        """Take a batch's snapshot after a write of its results: count them,
+        and finish the batch once nothing is pending."""
+        self._progress.update(batch)
         if not batch.closed and batch.pending == 0:
             self._spawn(self.finish(batch.id, State.SUCCEEDED, None))
 
@@ -726,8 +759,11 @@ class Executor:
                 ingest.cancel()
                 await asyncio.gather(ingest, return_exceptions=True)
                 await self._store.reset_ingest(batch_id)
-            return await self._store.close_batch(
+            closed = await self._store.close_batch(
                 batch_id, state, error.SerializeToString() if error else None, _REST[state])
+            if closed is not None:
+                self._progress.update(closed)  # its unfinished requests count as _REST[state] now
+            return closed
 
     async def _complete(self, batch_id: str) -> Batch | None:
         """Write a closed batch's output and make it done."""
@@ -737,6 +773,8 @@ class Executor:
                 return batch
             output_file = await self._outputs.write_if_large(batch)
             final = await self._store.mark_done(batch_id, output_file)
+        if final is not None:
+            self._progress.update(final)  # counted before any waiter hears that it is done
         self._notifier.done(batch_id)
         if final is not None:
             log.info("%s %s: %d ok, %d failed, %d cancelled, %d expired", final.name, final.state.name,

@@ -162,6 +162,27 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE requests DROP COLUMN status;
     ALTER TABLE requests DROP COLUMN result;
     """,
+    # v7: batches by state, kept by triggers as batches are created, change
+    # state and go (whichever connection or process writes), so the metrics
+    # page reads seven rows instead of grouping the whole table (~10 ms on a
+    # big one) on every scrape. Per-result counter updates do not set
+    # `state`, so results never fire these.
+    """
+    CREATE TABLE batch_states (state INTEGER PRIMARY KEY, count INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO batch_states (state, count) SELECT state, COUNT(*) FROM batches GROUP BY state;
+    CREATE TRIGGER batch_states_insert AFTER INSERT ON batches BEGIN
+        INSERT INTO batch_states (state, count) VALUES (NEW.state, 1)
+            ON CONFLICT (state) DO UPDATE SET count = count + 1;
+    END;
+    CREATE TRIGGER batch_states_update AFTER UPDATE OF state ON batches WHEN OLD.state != NEW.state BEGIN
+        UPDATE batch_states SET count = count - 1 WHERE state = OLD.state;
+        INSERT INTO batch_states (state, count) VALUES (NEW.state, 1)
+            ON CONFLICT (state) DO UPDATE SET count = count + 1;
+    END;
+    CREATE TRIGGER batch_states_delete AFTER DELETE ON batches BEGIN
+        UPDATE batch_states SET count = count - 1 WHERE state = OLD.state;
+    END;
+    """,
 )
 
 # Requests with their results; status 0 (PENDING) and result NULL while unfinished.
@@ -231,6 +252,8 @@ def run_range(path: str, batch_id: str, batch_seq: int, lo: int, hi: int, answer
 
 _pending_item: Callable[[Sequence[object]], PendingItem] = functools.partial(tuple.__new__, PendingItem)
 _STATUS = {int(s): s for s in ItemStatus}  # ItemStatus by value without an enum call per row
+_STATES: dict[int, State] = {int(s): s for s in State if s is not State.UNSPECIFIED}
+_COUNTED_STATES: tuple[State, ...] = tuple(_STATES.values())
 
 _BATCH_COLUMNS = (
     "id, seq, tenant, kind, model, display_name, priority, state, done, create_time, update_time, "
@@ -730,6 +753,16 @@ class SQLiteStore:
                 )
 
         await self._write(tx)
+
+    def count_batches_by_state(self) -> dict[State, int]:
+        """Batches by state, every state but UNSPECIFIED (0 included): a
+        read of the seven counts the schema's triggers keep, ~10 µs on the
+        loop's thread however many batches there are."""
+        counts: dict[State, int] = dict.fromkeys(_COUNTED_STATES, 0)
+        for state, count in self._quick_all("SELECT state, count FROM batch_states", ()):
+            if state in _STATES:
+                counts[_STATES[state]] = int(count)
+        return counts
 
     async def unfinished_batches(self) -> list[Batch]:
         """Batches not done, oldest first."""

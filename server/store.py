@@ -112,6 +112,12 @@ class Store(Protocol):
     async def reset_ingest(self, batch_id: str) -> None:
         """Drop the requests of a batch whose ingest did not complete."""
 
+    def count_batches_by_state(self) -> dict[State, int]:
+        """How many batches the store holds in each state (every state but
+        UNSPECIFIED, 0 included), now. Synchronous and cheap whatever the
+        number of batches (the metrics page reads it on every scrape): a
+        store keeps these counts as batches change rather than counting."""
+
     async def unfinished_batches(self) -> list[Batch]:
         """Every batch not done yet, oldest first (for the executor's start)."""
 
