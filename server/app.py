@@ -27,6 +27,7 @@ from .file_manager import FileExpiry, FileManager
 from .files import FileStorage
 from .ingest import ingest
 from .manager import BatchManager
+from .metrics import Metrics
 from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens
@@ -133,6 +134,7 @@ async def _assemble(
 ) -> Running:
     files = FileStorage(data_dir / "files")
     files.prepare()
+    metrics = Metrics(batch_counts=store.count_batches_by_state)
     notifier = Notifier()
     workers = WorkerPool(config.workers)
     outputs = Outputs(store, files, config.limits.max_inline_output, workers=workers)
@@ -151,7 +153,7 @@ async def _assemble(
                             quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)), workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input,
-                        workers, tenant_weights={t.name: t.weight for t in config.tenants})
+                        workers, tenant_weights={t.name: t.weight for t in config.tenants}, metrics=metrics)
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
     executor.on_terminal = webhooks.on_terminal
     tokens = PageTokens(await store.secret("page-token-key"))
@@ -171,7 +173,7 @@ async def _assemble(
     # The generated add_* functions only call the registration methods, which
     # EdgeRegistrar provides; it stands in for the server to wrap each handler.
     auth = Authenticator(config.api_keys, config.tls_clients)
-    edge = cast(grpc.aio.Server, EdgeRegistrar(server, auth))
+    edge = cast(grpc.aio.Server, EdgeRegistrar(server, auth, metrics))
     batch_requests = BatchRequests(manager, config.limits, config.webhooks)
     batch_pb2_grpc.add_BatchServiceServicer_to_server(BatchService(batch_requests), edge)
     views = OperationViews(manager)
@@ -195,7 +197,8 @@ async def _assemble(
     http = None
     if http_port is not None:
         http = HttpSurface(auth, batch_requests, views, file_manager, model_service,
-                           max_body=config.limits.max_create_bytes)
+                           max_body=config.limits.max_create_bytes, metrics=metrics.exposition,
+                           observe=metrics.observe_http)
     await webhooks.start()
     await executor.start()
     await server.start()

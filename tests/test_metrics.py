@@ -3,7 +3,6 @@ batch counts through every change of state, and the histogram behind them."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import sqlite3
 from collections.abc import AsyncIterator, Mapping
@@ -410,8 +409,10 @@ async def test_the_migration_counts_batches_already_stored(tmp_path: Path) -> No
         await store.close()
 
 
-async def test_scrapes_are_cheap_with_many_batches(tmp_path: Path) -> None:
-    """The batches gauge reads kept counts: its cost does not grow with the table."""
+async def test_the_batches_gauge_reads_kept_counts(tmp_path: Path) -> None:
+    """The batches gauge reads the counts the store keeps up to date with
+    triggers, not a GROUP BY over the table: rows written straight into the
+    table count too."""
     path = tmp_path / "db.sqlite"
     store = SQLiteStore(path)
     await store.open()
@@ -424,12 +425,8 @@ async def test_scrapes_are_cheap_with_many_batches(tmp_path: Path) -> None:
             ((f"b{i}",) for i in range(20_000)))
         db.execute("COMMIT")
         db.close()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        for _ in range(100):
-            counts = store.count_batches_by_state()
-        per_read = (loop.time() - started) / 100
+        counts = store.count_batches_by_state()
         assert counts[State.SUCCEEDED] == 20_000
-        assert per_read < 0.002, per_read  # ~10 µs; a GROUP BY over these 20k rows takes ~4 ms
+        assert sum(counts.values()) == 20_000
     finally:
         await store.close()
