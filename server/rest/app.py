@@ -1,7 +1,7 @@
 """The HTTP surface: the Gemini REST API, ``/metrics`` and ``/healthz``, on
 aiohttp.web in the server's own event loop.
 
-One middleware wraps every route, as the gRPC edge wraps every method: it
+Every route's handler is wrapped once, as the gRPC edge wraps every method: it
 authenticates the caller (the same keys and tenants as gRPC: an
 ``x-goog-api-key`` or ``authorization: Bearer`` header, or ``?key=``; a
 client certificate under mTLS), turns every error into the Google error body
@@ -43,8 +43,34 @@ _PUBLIC: Final = frozenset({"healthz", "metrics"})
 
 Observe = Callable[[str, str, int, float], None]
 """A metrics hook: (route, method, status, seconds)."""
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Exposition = Callable[[], tuple[bytes, str]]
 """The metrics page: (body, content type)."""
+
+
+class EdgeRouter:
+    """Stands in for aiohttp's router while routes register: every handler
+    is registered wrapped by the edge (``HttpSurface._wrap``), under its name."""
+
+    def __init__(self, router: web.UrlDispatcher, wrap: Callable[[Handler, str], Handler]) -> None:
+        self._router = router
+        self._wrap = wrap
+
+    def add_get(self, path: str, handler: Handler, *, name: str) -> None:
+        """A GET (and HEAD) route."""
+        self._router.add_get(path, self._wrap(handler, name), name=name)
+
+    def add_post(self, path: str, handler: Handler, *, name: str) -> None:
+        """A POST route."""
+        self._router.add_post(path, self._wrap(handler, name), name=name)
+
+    def add_delete(self, path: str, handler: Handler, *, name: str) -> None:
+        """A DELETE route."""
+        self._router.add_delete(path, self._wrap(handler, name), name=name)
+
+    def add_patch(self, path: str, handler: Handler, *, name: str) -> None:
+        """A PATCH route."""
+        self._router.add_patch(path, self._wrap(handler, name), name=name)
 
 
 class HttpSurface:
@@ -67,9 +93,9 @@ class HttpSurface:
         self._serving = False
         self.uploads = UploadSessions(files)
         """The open resumable uploads."""
-        self.app = web.Application(middlewares=[self._edge], client_max_size=max_body, handler_args=None)
+        self.app = web.Application(client_max_size=max_body)
         self.app[MAX_BODY] = max_body
-        router = self.app.router
+        router = EdgeRouter(self.app.router, self._wrap)
         router.add_get("/healthz", self._healthz, name="healthz")
         router.add_get("/metrics", self._metrics_page, name="metrics")
         # Literal version prefixes, not a {version} pattern: aiohttp indexes
@@ -81,6 +107,8 @@ class HttpSurface:
             batches.add_to(router, version)
             file_routes.add_to(router, version)
             model_routes.add_to(router, version)
+        # Last: whatever no route above took gets a Google error body too.
+        self._fallback = self.app.router.add_route("*", "/{path:.*}", self._wrap(self._no_route, "unmatched"))
         self._runner: web.AppRunner | None = None
         self.port = 0
         """The bound port, once started."""
@@ -113,38 +141,55 @@ class HttpSurface:
 
     # -- the edge ---------------------------------------------------------------
 
-    @web.middleware
-    async def _edge(self, request: web.Request,
-                    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-        started = time.perf_counter()
-        route = request.match_info.route.name or "unmatched"
-        status = 500
-        try:
-            response = await self._handle(request, handler, route)
-            status = response.status
-            return response
-        finally:
-            if self._observe is not None:
-                self._observe(route, request.method, status, time.perf_counter() - started)
+    def _wrap(self, handler: Handler, route: str) -> Handler:
+        """``handler`` behind the edge: auth, error mapping, timing. Done once
+        per route at registration, as the gRPC edge does: an aiohttp
+        middleware would add two layers of calls to every request."""
+        public = route in _PUBLIC or route == "unmatched"
+        chunks = route.endswith(".files.upload")  # resumable chunks: authorised by their upload id
+        observe = self._observe
 
-    async def _handle(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                      route: str) -> web.StreamResponse:
-        try:
-            if route not in _PUBLIC and not (route.endswith(".files.upload") and "upload_id" in request.query):
-                set_tenant(request, self._tenant(request))
-            return await handler(request)
-        except ServiceError as e:
-            return error_response(e)
-        except web.HTTPException as e:
-            return _http_exception(e, request)
-        except ConnectionError:
-            # The client went away mid-request (an upload cut, say): nobody
-            # reads an answer; what it sent was dropped by the handler.
-            log.debug("client left during %s %s", request.method, request.path)
-            return web.Response(status=499)
-        except Exception:
-            log.exception("unexpected error in %s %s", request.method, request.path)
-            return error_response(Internal("internal error; see the server log"))
+        async def call(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            try:
+                if not public and not (chunks and "upload_id" in request.query):
+                    set_tenant(request, self._tenant(request))
+                response = await handler(request)
+            except ServiceError as e:
+                response = error_response(e)
+            except web.HTTPException as e:
+                response = _http_exception(e, request)
+            except ConnectionError:
+                # The client went away mid-request (an upload cut, say): nobody
+                # reads an answer; what it sent was dropped by the handler.
+                log.debug("client left during %s %s", request.method, request.path)
+                response = web.Response(status=499)
+            except Exception:
+                log.exception("unexpected error in %s %s", request.method, request.path)
+                response = error_response(Internal("internal error; see the server log"))
+            if observe is not None:
+                observe(route, request.method, response.status, time.perf_counter() - started)
+            return response
+
+        return call
+
+    async def _no_route(self, request: web.Request) -> web.StreamResponse:
+        """404 for a path no route has, 405 (with ``Allow``) for a path some
+        route has under other methods."""
+        allowed: set[str] = set()
+        for resource in self.app.router.resources():
+            if resource is not self._fallback.resource:
+                _, methods = await resource.resolve(request)
+                allowed |= methods
+        if not allowed:
+            return plain_error(404, code_pb2.NOT_FOUND, f"no route {request.method} {request.path[:200]}",
+                               "ROUTE_NOT_FOUND")
+        shown = ", ".join(sorted(allowed))
+        response = plain_error(405, code_pb2.UNIMPLEMENTED,
+                               f"{request.method} is not allowed on {request.path[:200]}; allowed: {shown}",
+                               "METHOD_NOT_ALLOWED")
+        response.headers["Allow"] = shown
+        return response
 
     def _tenant(self, request: web.Request) -> str:
         if self._auth.open:
@@ -179,17 +224,7 @@ class HttpSurface:
 
 
 def _http_exception(e: web.HTTPException, request: web.Request) -> web.StreamResponse:
-    """aiohttp's own refusals (no route, wrong method, body too large) as Google errors."""
-    if isinstance(e, web.HTTPNotFound):
-        return plain_error(404, code_pb2.NOT_FOUND, f"no route {request.method} {request.path[:200]}",
-                           "ROUTE_NOT_FOUND")
-    if isinstance(e, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(e.allowed_methods))
-        response = plain_error(405, code_pb2.UNIMPLEMENTED,
-                               f"{request.method} is not allowed on {request.path[:200]}; allowed: {allowed}",
-                               "METHOD_NOT_ALLOWED")
-        response.headers["Allow"] = allowed
-        return response
+    """An aiohttp refusal raised inside a handler (a body too large, say) as a Google error."""
     if isinstance(e, web.HTTPRequestEntityTooLarge):
         return plain_error(413, code_pb2.RESOURCE_EXHAUSTED, "request body too large", "REQUEST_TOO_LARGE")
     if e.status < 400:

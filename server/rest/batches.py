@@ -5,6 +5,7 @@ gRPC (``BatchRequests``, ``BatchManager``, ``OperationViews``) and renders."""
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,6 +19,9 @@ from ..views import OperationViews
 from . import codec
 from .common import json_body, page_size, str_param, tenant
 from .errors import HttpError
+
+if TYPE_CHECKING:
+    from .app import EdgeRouter
 
 _CREATE = {
     "batchGenerateContent": (batch_pb2.BatchGenerateContentRequest, "generate"),
@@ -56,7 +60,7 @@ class BatchRoutes:
         self._manager = requests.manager
         self._views = views
 
-    def add_to(self, router: web.UrlDispatcher, version: str) -> None:
+    def add_to(self, router: EdgeRouter, version: str) -> None:
         """Register under ``/{version}``."""
         v = f"/{version}"
         router.add_get(v + "/batches/{tail}", self.get, name=f"{version}.batches.get")

@@ -6,7 +6,7 @@ downloads stream out of it, a MiB at a time."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
 from google.rpc import code_pb2
@@ -21,6 +21,9 @@ from ..validate import parse_name
 from . import codec
 from .common import base_url, json_body, page_size, str_param, tenant, version
 from .errors import HttpError, error_response
+
+if TYPE_CHECKING:
+    from .app import EdgeRouter
 from .uploads import UploadSessions
 
 UPLOAD_STATUS = "X-Goog-Upload-Status"
@@ -39,7 +42,7 @@ class FileRoutes:
         self._files = files
         self._sessions = sessions
 
-    def add_to(self, router: web.UrlDispatcher, version: str) -> None:
+    def add_to(self, router: EdgeRouter, version: str) -> None:
         """Register under ``/{version}``, ``/upload/{version}`` and ``/download/{version}``."""
         v = f"/{version}"
         router.add_post("/upload" + v + "/files", self.upload, name=f"{version}.files.upload")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from aiohttp import web
 from google.rpc import code_pb2
 
@@ -12,6 +14,9 @@ from . import codec
 from .common import page_size, str_param
 from .errors import HttpError
 
+if TYPE_CHECKING:
+    from .app import EdgeRouter
+
 
 class ModelRoutes:
     """The model routes' handlers, over the gRPC ModelService's rules (paging, lookup)."""
@@ -19,7 +24,7 @@ class ModelRoutes:
     def __init__(self, models: ModelService) -> None:
         self._models = models
 
-    def add_to(self, router: web.UrlDispatcher, version: str) -> None:
+    def add_to(self, router: EdgeRouter, version: str) -> None:
         """Register under ``/{version}``."""
         router.add_get(f"/{version}/models", self.list, name=f"{version}.models.list")
         router.add_get(f"/{version}/models/{{tail}}", self.get, name=f"{version}.models.get")
