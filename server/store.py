@@ -1,8 +1,12 @@
 """The storage seam: what the services and the executor need from a store.
 
-One implementation today (``sqlite_store.SQLiteStore``); a second one (say
-PostgreSQL) must pass the same contract suite in tests/server/test_store.py.
-All methods are scoped by tenant where a client names the resource; executor
+The seam is split by concern, one narrow Protocol each (``StoreLifecycle``,
+``BatchStore``, ``ItemStore`` for requests and results, ``FileStore``,
+``DeliveryStore``), so that a component can ask for only what it uses and a
+store can be read one concern at a time; ``Store`` combines them. Every
+implementation (``sqlite_store.SQLiteStore``, ``pg_store.PostgresStore``)
+must pass the same contract suite in tests/server/test_store.py. All
+methods are scoped by tenant where a client names the resource; executor
 methods take bare ids because they act for the server itself.
 """
 
@@ -42,8 +46,9 @@ process: reads them, answers them all in one call, and records the answers
 (SUCCEEDED) and the counters in one transaction."""
 
 
-class Store(Protocol):
-    """Persistent state of batches, their requests and files."""
+class StoreLifecycle(Protocol):
+    """Opening and closing a store, and what belongs to the whole store: its secrets and a
+    tenant's usage as the quotas count it."""
 
     async def open(self) -> None:
         """Connect and bring the schema up to date."""
@@ -53,6 +58,14 @@ class Store(Protocol):
 
     async def secret(self, name: str, size: int = 32) -> bytes:
         """A random server secret, created on first use and kept forever."""
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        """What ``tenant`` holds now, as the quotas count it."""
+
+
+class BatchStore(Protocol):
+    """Batches as resources and through their lifecycle: created (with their inline
+    requests), read, listed, changed, closed, done, expired, deleted and purged."""
 
     async def create_batch(
         self, batch: NewBatch, items: Iterable[NewItem], request_id_ttl_us: int, limits: UsageLimits | None = None
@@ -95,6 +108,48 @@ class Store(Protocol):
         is unknown. Raises ``StoreConflict`` if the batch is not done.
         """
 
+    async def unfinished_batches(self) -> list[Batch]:
+        """Every batch not done yet, oldest first (for the executor's start)."""
+
+    async def mark_running(self, batch_id: str) -> None:
+        """Move a PENDING batch to RUNNING."""
+
+    async def close_batch(self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus) -> Batch | None:
+        """Give a batch its terminal state; its unfinished requests count as
+        ``rest`` (and read as ``rest`` from now on).
+
+        The state goes to ``final_state``; a batch already closed keeps its
+        first one (a restart re-closing a batch, a cancel racing completion).
+        ``state`` and ``done`` change together in ``mark_done``. Returns None
+        if unknown.
+        """
+
+    async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
+        """Make a closed batch ``done`` with ``state = final_state``; after
+        this it never changes."""
+
+    def count_batches_by_state(self) -> dict[State, int]:
+        """How many batches the store holds in each state (every state but
+        UNSPECIFIED, 0 included), now. Synchronous and cheap whatever the
+        number of batches (the metrics page reads it on every scrape): a
+        store keeps these counts as batches change rather than counting."""
+
+    async def expired_batches(self, created_before_us: int) -> list[str]:
+        """Ids of batches not done that were created before the given time."""
+
+    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
+        """One bounded step of retention, in one transaction: delete batches done
+        before ``ended_before_us`` (oldest end first), at most ``max_batches``,
+        with their requests and generated file rows, and at most
+        ``max_requests`` request rows. A batch with more requests than that
+        loses them ``max_requests`` at a time, last first, over several steps;
+        its row goes with the last of them. Input files are left alone."""
+
+
+class ItemStore(Protocol):
+    """The requests of a batch and their results: ingest from an input file, the
+    executor's reads and writes, and reading results back for output."""
+
     async def append_requests(self, batch_id: str, first_idx: int, flat: Sequence[int | str | bytes],
                               max_pending: int | None = None) -> None:
         """Add requests read from a batch's input file, in one transaction.
@@ -112,18 +167,6 @@ class Store(Protocol):
     async def reset_ingest(self, batch_id: str) -> None:
         """Drop the requests of a batch whose ingest did not complete."""
 
-    def count_batches_by_state(self) -> dict[State, int]:
-        """How many batches the store holds in each state (every state but
-        UNSPECIFIED, 0 included), now. Synchronous and cheap whatever the
-        number of batches (the metrics page reads it on every scrape): a
-        store keeps these counts as batches change rather than counting."""
-
-    async def unfinished_batches(self) -> list[Batch]:
-        """Every batch not done yet, oldest first (for the executor's start)."""
-
-    async def mark_running(self, batch_id: str) -> None:
-        """Move a PENDING batch to RUNNING."""
-
     async def pending_items(self, batch_id: str, from_idx: int, limit: int) -> list[PendingItem]:
         """Up to ``limit`` PENDING requests with ``idx >= from_idx``, by idx."""
 
@@ -140,24 +183,17 @@ class Store(Protocol):
         as columns (the executor's bulk path: no object per result). Returns
         the batch after the write, or None if it takes no more results."""
 
-    async def close_batch(self, batch_id: str, state: State, error: bytes | None, rest: ItemStatus) -> Batch | None:
-        """Give a batch its terminal state; its unfinished requests count as
-        ``rest`` (and read as ``rest`` from now on).
-
-        The state goes to ``final_state``; a batch already closed keeps its
-        first one (a restart re-closing a batch, a cancel racing completion).
-        ``state`` and ``done`` change together in ``mark_done``. Returns None
-        if unknown.
-        """
-
-    async def mark_done(self, batch_id: str, output_file: str | None) -> Batch | None:
-        """Make a closed batch ``done`` with ``state = final_state``; after
-        this it never changes."""
-
     async def results(self, batch_id: str, start_idx: int, limit: int, *, to_first_pending: bool = True
                       ) -> list[ResultRow]:
         """Requests with ``idx >= start_idx`` in idx order, stopping at the
         first unfinished one unless ``to_first_pending`` is False."""
+
+    async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
+        """How many of ``batch``'s requests with ``lo <= idx < hi`` have a
+        result (are no longer PENDING)."""
+
+    async def output_size(self, batch_id: str) -> int:
+        """Bytes of all results and metadata of a batch (to size its output)."""
 
     def result_reader(self, batch: Batch) -> ResultReader | None:
         """A picklable function that reads ``batch``'s rows with
@@ -169,31 +205,14 @@ class Store(Protocol):
         a worker process (see ``RangeRunner``); None when the store cannot
         be written from elsewhere."""
 
-    async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
-        """How many of ``batch``'s requests with ``lo <= idx < hi`` have a
-        result (are no longer PENDING)."""
 
-    async def output_size(self, batch_id: str) -> int:
-        """Bytes of all results and metadata of a batch (to size its output)."""
-
-    async def expired_batches(self, created_before_us: int) -> list[str]:
-        """Ids of batches not done that were created before the given time."""
-
-    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
-        """One bounded step of retention, in one transaction: delete batches done
-        before ``ended_before_us`` (oldest end first), at most ``max_batches``,
-        with their requests and generated file rows, and at most
-        ``max_requests`` request rows. A batch with more requests than that
-        loses them ``max_requests`` at a time, last first, over several steps;
-        its row goes with the last of them. Input files are left alone."""
+class FileStore(Protocol):
+    """File records (their bytes live elsewhere: the data dir, for SQLite)."""
 
     async def add_file(self, file: StoredFile, limits: UsageLimits | None = None) -> None:
         """Record a file whose bytes are already in place. Raises
         ``OverQuota`` (nothing recorded) when the tenant's files or their
         bytes would go over ``limits``, checked in the insert's transaction."""
-
-    async def usage(self, tenant: str) -> TenantUsage:
-        """What ``tenant`` holds now, as the quotas count it."""
 
     async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
         """The file, or None if unknown or owned by another tenant."""
@@ -210,7 +229,8 @@ class Store(Protocol):
         oldest first, leaving out those a batch that is not done reads."""
 
 
-    # -- webhook deliveries (server/webhooks.py) -------------------------------
+class DeliveryStore(Protocol):
+    """Durable webhook deliveries (server/webhooks.py), one per (batch, uri), with retry state."""
 
     async def add_webhook_deliveries(self, deliveries: Sequence[WebhookDelivery]) -> int:
         """Store new PENDING deliveries; one already stored for the same
@@ -238,6 +258,11 @@ class Store(Protocol):
         self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
     ) -> None:
         """Store the outcome of an attempt: its count, status and next time."""
+
+
+class Store(StoreLifecycle, BatchStore, ItemStore, FileStore, DeliveryStore, Protocol):
+    """Persistent state of batches, their requests and results, files and webhook
+    deliveries: every concern's Protocol in one, what the server is composed with."""
 
 
 @dataclass(frozen=True, slots=True)
