@@ -76,6 +76,19 @@ async def test_a_busy_port_is_one_line(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port}" in line and "in use" in line, line
 
 
+async def test_an_http_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = await serve("--port", "0", "--http-port", str(port), "--data-dir", str(tmp_path / "data"))
+    assert code == 1
+    line = one_line(err)
+    assert f"HTTP on 127.0.0.1:{port}" in line and "in use" in line and "--http-port" in line, line
+    code, err = await serve("--port", "0", "--http-port", "eighty", "--data-dir", str(tmp_path / "data"))
+    assert code == 2 and "--http-port" in err and "'eighty'" in err, err
+
+
 async def test_a_bad_config_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "longbatch.toml"
     config.write_text("[limits]\nbatch_ttl = 'soon'\n")
