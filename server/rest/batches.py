@@ -17,8 +17,7 @@ from ..errors import InvalidArgument
 from ..validate import parse_name
 from ..views import OperationViews
 from . import codec
-from .common import json_body, page_size, str_param, tenant
-from .errors import HttpError
+from .common import EMPTY, json_body, json_response, page, page_size, split_action, str_param, tenant
 
 if TYPE_CHECKING:
     from .app import EdgeRouter
@@ -32,24 +31,6 @@ _UPDATE = {
     "updateEmbedContentBatch": (batch_pb2.EmbedContentBatch, "embed"),
 }
 _CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
-
-
-def json_response(body: bytes) -> web.Response:
-    """A 200 answer with a JSON body (the SDK takes only 200 as success)."""
-    return web.Response(body=body, content_type="application/json")
-
-
-_EMPTY = b"{}"
-
-
-def _split(tail: str) -> tuple[str, str]:
-    """``ID:action`` into its parts (``action`` empty when absent)."""
-    name, _, action = tail.partition(":")
-    return name, action
-
-
-def _unknown_method(method: str, action: str, resource: str) -> HttpError:
-    return HttpError(404, 5, f"no method {method} {resource}:{action[:60]}", reason="METHOD_NOT_FOUND")
 
 
 class BatchRoutes:
@@ -72,9 +53,7 @@ class BatchRoutes:
 
     async def create(self, request: web.Request) -> web.Response:
         """``POST /{v}/models/{model}:batchGenerateContent`` (or ``:asyncBatchEmbedContent``)."""
-        model, action = _split(request.match_info["tail"])
-        if action not in _CREATE:
-            raise _unknown_method("POST", action, f"models/{model}")
+        model, action = split_action(request, "POST", "models", tuple(_CREATE))
         message_type, _ = _CREATE[action]
         parsed = codec.create_request(await json_body(request, "request body"), message_type(), action)
         if parsed.HasField("batch"):
@@ -89,9 +68,7 @@ class BatchRoutes:
 
     async def get(self, request: web.Request) -> web.Response:
         """``GET /{v}/batches/{id}``: the batch as an Operation."""
-        batch_id, action = _split(request.match_info["tail"])
-        if action:
-            raise _unknown_method("GET", action, f"batches/{batch_id}")
+        batch_id, _ = split_action(request, "GET", "batches")
         view = await self._views.get(tenant(request), parse_name(f"batches/{batch_id}", "batches"))
         return json_response(view.rendered("rest", codec.operation_json))
 
@@ -101,32 +78,23 @@ class BatchRoutes:
             tenant(request), "batches", str_param(request, "filter"), page_size(request),
             str_param(request, "pageToken", "page_token"),
         )
-        body: dict[str, object] = {"operations": [codec.operation_dict(self._views.listed(b)) for b in batches]}
-        if token:  # never an empty token: the SDK would ask for a page after the last
-            body["nextPageToken"] = token
-        return json_response(codec.dumps(body))
+        return page("operations", [codec.operation_dict(self._views.listed(b)) for b in batches], token)
 
     async def post_action(self, request: web.Request) -> web.Response:
         """``POST /{v}/batches/{id}:cancel``."""
-        batch_id, action = _split(request.match_info["tail"])
-        if action != "cancel":
-            raise _unknown_method("POST", action, f"batches/{batch_id}")
+        batch_id, _ = split_action(request, "POST", "batches", ("cancel",))
         await self._manager.cancel(tenant(request), parse_name(f"batches/{batch_id}", "batches"))
-        return json_response(_EMPTY)
+        return json_response(EMPTY)
 
     async def delete(self, request: web.Request) -> web.Response:
         """``DELETE /{v}/batches/{id}``: a done batch with its results."""
-        batch_id, action = _split(request.match_info["tail"])
-        if action:
-            raise _unknown_method("DELETE", action, f"batches/{batch_id}")
+        batch_id, _ = split_action(request, "DELETE", "batches")
         await self._manager.delete(tenant(request), parse_name(f"batches/{batch_id}", "batches"))
-        return json_response(_EMPTY)
+        return json_response(EMPTY)
 
     async def update(self, request: web.Request) -> web.Response:
         """``PATCH /{v}/batches/{id}:updateGenerateContentBatch?updateMask=displayName,priority``."""
-        batch_id, action = _split(request.match_info["tail"])
-        if action not in _UPDATE:
-            raise _unknown_method("PATCH", action, f"batches/{batch_id}")
+        batch_id, action = split_action(request, "PATCH", "batches", tuple(_UPDATE))
         message_type, kind = _UPDATE[action]
         body = await json_body(request, "batch")
         batch = codec.to_message(body, message_type(), "batch")

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any, Final
 
 from aiohttp import web
+from google.rpc import code_pb2
 
 from ..errors import InvalidArgument
-from .codec import parse_json
+from .codec import dumps, parse_json
 from .errors import HttpError
 
 MAX_BODY: Final = web.AppKey("max_body", int)
@@ -85,3 +86,47 @@ def int_param(request: web.Request, name: str, alias: str | None = None) -> int:
 def str_param(request: web.Request, name: str, alias: str | None = None) -> str:
     """A string query parameter by its camelCase name or snake_case alias, '' if absent."""
     return request.query.get(name, request.query.get(alias, "") if alias else "")
+
+
+def json_response(body: bytes) -> web.Response:
+    """A 200 answer with a JSON body (the SDK takes only 200 as success)."""
+    return web.Response(body=body, content_type="application/json")
+
+
+EMPTY = b"{}"
+"""The body of a cancel or delete."""
+
+
+def page(key: str, items: list[Any], token: str) -> web.Response:
+    """A list page: ``{key: items}``, and ``nextPageToken`` only when another
+    page follows (the SDK would ask for a page after an empty token)."""
+    body: dict[str, Any] = {key: items}
+    if token:
+        body["nextPageToken"] = token
+    return json_response(dumps(body))
+
+
+def split_action(request: web.Request, method: str, collection: str,
+                 allowed: tuple[str, ...] = ("",)) -> tuple[str, str]:
+    """``{id}:{action}`` of the path's last segment, the action one of
+    ``allowed`` ('' for none), else 404 naming what was asked."""
+    name, _, action = request.match_info["tail"].partition(":")
+    if action not in allowed:
+        raise HttpError(404, code_pb2.NOT_FOUND, f"no method {method} {collection}/{name[:80]}:{action[:60]}",
+                        reason="METHOD_NOT_FOUND")
+    return name, action
+
+
+def byte_count_header(request: web.Request, name: str, reason: str) -> int | None:
+    """A header holding a byte count or offset, None when absent."""
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidArgument(f"{name} must be a number of bytes, got {raw[:40]!r}", reason=reason,
+                              violations=[(name, "must be a number of bytes")])
+    return value

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import BodyPartReader, web
-from google.rpc import code_pb2
 
 from longbatch.v1 import file_pb2
 
@@ -19,8 +18,20 @@ from ..file_manager import FileManager
 from ..services.files import DOWNLOAD_CHUNK, file_message
 from ..validate import parse_name
 from . import codec
-from .common import base_url, json_body, page_size, str_param, tenant, version
-from .errors import HttpError, error_response
+from .common import (
+    EMPTY,
+    base_url,
+    byte_count_header,
+    json_body,
+    json_response,
+    page,
+    page_size,
+    split_action,
+    str_param,
+    tenant,
+    version,
+)
+from .errors import error_response
 
 if TYPE_CHECKING:
     from .app import EdgeRouter
@@ -58,41 +69,29 @@ class FileRoutes:
 
     async def get(self, request: web.Request) -> web.StreamResponse:
         """``GET /{v}/files/{id}``, and ``GET /{v}/files/{id}:download?alt=media``."""
-        file_id, _, action = request.match_info["tail"].partition(":")
+        file_id, action = split_action(request, "GET", "files", ("", "download"))
         if action == "download":
             return await self._download(request, file_id)
-        if action:
-            raise HttpError(404, code_pb2.NOT_FOUND, f"no method GET files/{file_id}:{action[:60]}",
-                            reason="METHOD_NOT_FOUND")
         stored = await self._files.get(tenant(request), parse_name(f"files/{file_id}", "files"))
-        return web.Response(body=codec.dumps(self._render(request, stored)), content_type="application/json")
+        return json_response(codec.dumps(self._render(request, stored)))
 
     async def list(self, request: web.Request) -> web.Response:
         """``GET /{v}/files?pageSize=&pageToken=``: newest first."""
-        page, token = await self._files.list(tenant(request), page_size(request),
-                                             str_param(request, "pageToken", "page_token"))
-        body: dict[str, object] = {"files": [self._render(request, f) for f in page]}
-        if token:
-            body["nextPageToken"] = token
-        return web.Response(body=codec.dumps(body), content_type="application/json")
+        files, token = await self._files.list(tenant(request), page_size(request),
+                                              str_param(request, "pageToken", "page_token"))
+        return page("files", [self._render(request, f) for f in files], token)
 
     async def delete(self, request: web.Request) -> web.Response:
         """``DELETE /{v}/files/{id}``."""
-        file_id, _, action = request.match_info["tail"].partition(":")
-        if action:
-            raise HttpError(404, code_pb2.NOT_FOUND, f"no method DELETE files/{file_id}:{action[:60]}",
-                            reason="METHOD_NOT_FOUND")
+        file_id, _ = split_action(request, "DELETE", "files")
         await self._files.delete(tenant(request), parse_name(f"files/{file_id}", "files"))
-        return web.Response(body=b"{}", content_type="application/json")
+        return json_response(EMPTY)
 
     # -- download -------------------------------------------------------------
 
     async def download_route(self, request: web.Request) -> web.StreamResponse:
         """``GET /download/{v}/files/{id}:download?alt=media``."""
-        file_id, _, action = request.match_info["tail"].partition(":")
-        if action != "download":
-            raise HttpError(404, code_pb2.NOT_FOUND, "downloads are at /download/{version}/files/{id}:download",
-                            reason="METHOD_NOT_FOUND")
+        file_id, _ = split_action(request, "GET", "files", ("download",))
         return await self._download(request, file_id)
 
     async def _download(self, request: web.Request, file_id: str) -> web.StreamResponse:
@@ -161,7 +160,7 @@ class FileRoutes:
                 raise _upload_error(
                     "X-Goog-Upload-Command must be 'upload', 'upload, finalize', 'finalize', 'query' or 'cancel'",
                     "UPLOAD_COMMAND_INVALID", "X-Goog-Upload-Command")
-            offset = _offset(request)
+            offset = byte_count_header(request, "X-Goog-Upload-Offset", "UPLOAD_OFFSET_INVALID")
             stored = await self._sessions.upload(upload_id, offset, _body(request), "finalize" in commands)
         except ServiceError as e:
             # The SDK resends a chunk whose answer lacks the status; a session
@@ -218,31 +217,8 @@ def _file_metadata(body: dict[str, Any]) -> file_pb2.File:
 
 
 def _declared_size(request: web.Request, meta: file_pb2.File) -> int | None:
-    header = request.headers.get("X-Goog-Upload-Header-Content-Length")
-    if header is not None:
-        try:
-            size = int(header)
-        except ValueError:
-            size = -1
-        if size < 0:
-            raise _upload_error(f"X-Goog-Upload-Header-Content-Length must be a byte count, got {header[:40]!r}",
-                                "UPLOAD_SIZE_INVALID", "X-Goog-Upload-Header-Content-Length")
-        return size
-    return meta.size_bytes or None
-
-
-def _offset(request: web.Request) -> int | None:
-    raw = request.headers.get("X-Goog-Upload-Offset")
-    if raw is None:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise _upload_error(f"X-Goog-Upload-Offset must be a byte offset, got {raw[:40]!r}",
-                            "UPLOAD_OFFSET_INVALID", "X-Goog-Upload-Offset")
-    return value
+    size = byte_count_header(request, "X-Goog-Upload-Header-Content-Length", "UPLOAD_SIZE_INVALID")
+    return size if size is not None else meta.size_bytes or None
 
 
 def _media_type(request: web.Request) -> str:
