@@ -22,7 +22,7 @@ from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Ou
 from longbatch.server.filters import TRUE, Compare
 from longbatch.server.pg_store import PostgresStore
 from longbatch.server.sqlite_store import MIGRATIONS, SQLiteStore
-from longbatch.server.store import Store, StoreConflict
+from longbatch.server.store import OverQuota, Purged, Store, StoreConflict, TenantUsage, UsageLimits
 
 DAY_US = 86_400_000_000
 
@@ -269,3 +269,110 @@ async def test_v5_database_keeps_its_results_through_the_v6_migration(tmp_path: 
         assert touched["old"].succeeded == 2 and touched["old"].pending == 0
     finally:
         await store.close()
+
+
+async def test_quotas_are_checked_in_the_write_and_nothing_is_stored_over_them(store: Store) -> None:
+    limits = UsageLimits(unfinished_batches=2, pending_requests=10)
+    await store.create_batch(new_batch("q1"), items(6), DAY_US, limits)
+    with pytest.raises(OverQuota) as over:
+        await store.create_batch(new_batch("q2"), items(5), DAY_US, limits)
+    assert (over.value.quota, over.value.used, over.value.adding, over.value.limit) == ("pending_requests", 6, 5, 10)
+    assert await store.get_batch("t", "q2") is None
+    # A file batch has no requests yet but needs room for one.
+    file_batch, _ = await store.create_batch(new_batch("q3", input_file="in"), [], DAY_US, limits)
+    assert not file_batch.ingested and file_batch.request_count == 0
+    with pytest.raises(OverQuota) as over:
+        await store.create_batch(new_batch("q4"), items(1), DAY_US, limits)
+    assert over.value.quota == "unfinished_batches"
+    assert await store.usage("t") == TenantUsage(0, 0, 2, 6)
+    # Requests read from the file count as they are appended.
+    await store.append_requests("q3", 0, [0, "a", b"x", 1, "b", b"y"], max_pending=10)
+    assert (await store.usage("t")).pending_requests == 8
+    with pytest.raises(OverQuota):
+        await store.append_requests("q3", 2, [x for i in range(3) for x in (i, f"k{i}", b"z")], max_pending=10)
+    assert [r.idx for r in await store.results("q3", 0, 10, to_first_pending=False)] == [0, 1]
+    # Another tenant has its own room; no limits, no checks.
+    await store.create_batch(new_batch("q5", tenant="u"), items(9), DAY_US, limits)
+    await store.create_batch(new_batch("q6"), items(100), DAY_US)
+    assert await store.usage("u") == TenantUsage(0, 0, 1, 9)
+
+
+async def test_concurrent_creates_respect_request_ids_and_quotas(store: Store) -> None:
+    got = await asyncio.gather(*(store.create_batch(new_batch(f"x{i}", request_id="same"), items(2), DAY_US)
+                                 for i in range(8)))
+    assert sum(created for _, created in got) == 1 and len({b.id for b, _ in got}) == 1
+    limits = UsageLimits(unfinished_batches=4)
+    tries = await asyncio.gather(*(store.create_batch(new_batch(f"y{i}", tenant="u"), items(1), DAY_US, limits)
+                                   for i in range(10)), return_exceptions=True)
+    assert sum(isinstance(t, OverQuota) for t in tries) == 6
+    assert (await store.usage("u")).unfinished_batches == 4
+
+
+async def test_file_ingest_finishes_or_resets(store: Store) -> None:
+    batch, _ = await store.create_batch(new_batch("i1", input_file="in"), [], DAY_US)
+    assert not batch.ingested and batch.state is State.PENDING
+    await store.append_requests("i1", 0, [x for i in range(300) for x in (i, f"k{i}", b"p%d" % i)])
+    await store.reset_ingest("i1")
+    assert await store.results("i1", 0, 10, to_first_pending=False) == []
+    await store.append_requests("i1", 0, [0, "a", b"x"])
+    await store.append_requests("i1", 1, [0, "b", b"y", 1, "c", b"z"])
+    done = await store.finish_ingest("i1", 3)
+    assert done is not None and done.ingested and done.request_count == 3 and done.pending == 3
+    await store.reset_ingest("i1")  # an ingested batch keeps its requests
+    assert [(p.idx, p.payload) for p in await store.pending_items("i1", 1, 10)] == [(1, b"y"), (2, b"z")]
+    assert await store.finish_ingest("nope", 1) is None
+
+
+async def test_unfinished_running_expired_and_counts_by_state(store: Store) -> None:
+    assert set(store.count_batches_by_state().values()) == {0}
+    for i in range(4):
+        await store.create_batch(new_batch(f"u{i}"), items(2), DAY_US)
+    await store.mark_running("u1")
+    await store.mark_running("u1")  # only PENDING moves
+    await store.close_batch("u2", State.FAILED, b"why", ItemStatus.FAILED)
+    await store.mark_done("u2", None)
+    assert [b.id for b in await store.unfinished_batches()] == ["u0", "u1", "u3"]
+    running = await store.get_batch(None, "u1")
+    assert running is not None and running.state is State.RUNNING
+    counts = store.count_batches_by_state()
+    assert State.UNSPECIFIED not in counts and len(counts) == 6
+    assert (counts[State.PENDING], counts[State.RUNNING], counts[State.FAILED]) == (2, 1, 1)
+    assert await store.expired_batches(0) == []
+    assert sorted(await store.expired_batches(now_us() + 1)) == ["u0", "u1", "u3"]
+    # A done batch keeps its priority; its name may change.
+    failed = await store.update_batch("t", "u2", display_name="x", priority=7)
+    assert failed is not None and (failed.display_name, failed.priority, failed.error) == ("x", 0, b"why")
+    assert await store.update_batch("other", "u2", display_name="y", priority=None) is None
+    await store.delete_batch("t", "u2")
+    assert store.count_batches_by_state()[State.FAILED] == 0
+
+
+async def test_purge_takes_a_big_batch_in_steps_from_its_tail(store: Store) -> None:
+    await store.create_batch(new_batch("p1"), items(25), DAY_US)
+    await store.record_results("p1", ItemStatus.SUCCEEDED, range(25), [b"r"] * 25)
+    await store.create_batch(new_batch("p2"), items(3), DAY_US)
+    for batch_id in ("p1", "p2"):
+        await store.close_batch(batch_id, State.SUCCEEDED, None, ItemStatus.CANCELLED)
+        await store.mark_done(batch_id, None)
+    assert (await store.purge_done_batches(now_us() - DAY_US, 10, 10)) == Purged([], [], False)
+    step = await store.purge_done_batches(now_us() + 1, 10, 10)
+    assert step.batch_ids == [] and step.more
+    rows = await store.results("p1", 0, 100)
+    assert [r.idx for r in rows] == list(range(15))  # a shorter tail, never a gap
+    step = await store.purge_done_batches(now_us() + 1, 10, 10)
+    assert step.batch_ids == [] and step.more and len(await store.results("p1", 0, 100)) == 5
+    step = await store.purge_done_batches(now_us() + 1, 10, 10)
+    assert step.batch_ids == ["p1", "p2"] and not step.more
+    assert await store.get_batch(None, "p1") is None and await store.results("p1", 0, 10) == []
+
+
+async def test_sizes_and_finished_counts(store: Store) -> None:
+    batch, _ = await store.create_batch(
+        new_batch("s1"), [NewItem(i, f"k{i}", b"meta" if i % 2 else None, b"p") for i in range(6)], DAY_US)
+    await store.record_results("s1", ItemStatus.SUCCEEDED, [0, 1, 4], [b"12345", b"", b"123"])
+    assert await store.finished_count(batch, 0, 6) == 3
+    assert await store.finished_count(batch, 1, 4) == 1
+    # 8 bytes of results, 3 unfinished at 64 each, 12 bytes of metadata, 16 per request.
+    assert await store.output_size("s1") == 8 + 3 * 64 + 12 + 6 * 16
+    assert await store.output_size("nope") == 0
+    assert await store.pending_items("nope", 0, 10) == [] and await store.results("nope", 0, 10) == []
