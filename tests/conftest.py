@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fakemodel import FakeModel
 from netsafety import FakeDNS, LeakGuard, guard_loopback, install_fake_dns
 
 from longbatch.server.app import Running, start_server
@@ -52,6 +53,16 @@ async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
     yield make
     for running in reversed(started):
         await running.stop(grace_s=1.0)
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeModel]:
+    """A fake Gemini-REST model server (tests/fakemodel.py) with no faults; tests set ``fake.plan``.
+    Tests of the openai backend override it with their fake OpenAI server."""
+    f = FakeModel()
+    await f.start()
+    yield f
+    await f.stop()
 
 
 @pytest.fixture

@@ -45,14 +45,6 @@ SLACK_S = 0.005
 Remote = Callable[..., Awaitable[Stubs]]
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeModel]:
-    """A fake model server with no faults; tests set ``fake.plan``."""
-    f = FakeModel()
-    await f.start()
-    yield f
-    await f.stop()
-
 
 @pytest.fixture
 async def remote(make_server: MakeServer) -> AsyncIterator[Remote]:

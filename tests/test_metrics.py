@@ -163,13 +163,6 @@ async def _in_flight_is_zero(server: ServerHandle, http: aiohttp.ClientSession, 
     return page.value("longbatch_backend_in_flight_requests", model=model) == 0
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeModel]:
-    f = FakeModel()
-    await f.start()
-    yield f
-    await f.stop()
-
 
 async def test_retries_and_failures_are_counted_per_model(make_server: MakeServer, fake: FakeModel,
                                                          http: aiohttp.ClientSession) -> None:

@@ -56,13 +56,6 @@ class Remote:
 Start = Callable[..., Awaitable[Remote]]
 
 
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeModel]:
-    f = FakeModel()
-    await f.start()
-    yield f
-    await f.stop()
-
 
 @pytest.fixture
 async def remote(make_server: MakeServer, fake: FakeModel) -> AsyncIterator[Start]:
