@@ -25,7 +25,7 @@ import logging
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -385,7 +385,11 @@ class PostgresStore:
 
     def _scrub(self, text: str) -> str:
         password = _password(self._url)
-        return text.replace(password, "***") if password else text
+        if password:
+            # As written in the URL and as the driver sends it (percent-decoded).
+            for form in {password, unquote(password)}:
+                text = text.replace(form, "***")
+        return text
 
     # -- lifecycle -------------------------------------------------------------
 

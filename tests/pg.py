@@ -3,8 +3,9 @@
 The server is the machine's PostgreSQL at 127.0.0.1:5432 (user postgres), or
 the one ``LONGBATCH_TEST_DATABASE_URL`` names (a libpq URL of a database the
 tests may connect to and create databases from). When it does not answer,
-the tests that need it are skipped with one line saying how to run them;
-under ``CI=true`` they fail instead, so CI never passes without them.
+the tests that need it are left out with one line saying how to run them
+(tests/server/conftest.py); under ``CI=true`` they fail instead, so CI never
+passes without them.
 
 Fixtures (imported into tests/server/conftest.py):
 
@@ -27,7 +28,7 @@ import asyncpg
 import pytest
 
 ADMIN_URL = os.environ.get("LONGBATCH_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-HOW_TO_RUN = ("PostgreSQL tests skipped: no PostgreSQL answers at the test URL; start it "
+HOW_TO_RUN = ("no PostgreSQL answers at the test URL; start it "
               "(pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start, for 127.0.0.1:5432) "
               "or set LONGBATCH_TEST_DATABASE_URL")
 
@@ -53,6 +54,24 @@ def _execute(url: str, sql: str) -> None:
         pool.submit(lambda: asyncio.run(_execute_async(url, sql))).result()
 
 
+def reachable() -> bool:
+    """Whether the test server answers (a login to its admin database)."""
+    try:
+        _execute(ADMIN_URL, "SELECT 1")
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        return False
+    return True
+
+
+def needs_postgres(item: pytest.Item) -> bool:
+    """Whether a collected test uses PostgreSQL: asks for a fixture of this
+    module, or runs a store-parametrized case with the ``postgres`` param."""
+    if {"pg_url", "pg_database"} & set(getattr(item, "fixturenames", ())):
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("store") == "postgres"
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """Create ``longbatch_test_<random>`` for this session; drop it afterwards."""
@@ -62,7 +81,7 @@ def pg_database() -> Iterator[str]:
     except (TimeoutError, OSError, asyncpg.PostgresError) as e:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but PostgreSQL is not usable ({type(e).__name__}): {HOW_TO_RUN}", pytrace=False)
-        pytest.skip(HOW_TO_RUN)
+        pytest.skip(f"PostgreSQL tests skipped: {HOW_TO_RUN}")
     try:
         yield with_database(ADMIN_URL, name)
     finally:

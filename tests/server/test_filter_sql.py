@@ -1,5 +1,6 @@
 """Tests for the SQLite store's rendering of filter trees: the SQL it writes,
-and the batches a real store returns for compiled filters."""
+and the batches a real store returns for compiled filters (SQLite and
+PostgreSQL alike; PostgreSQL's SQL is in test_pg_store.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 
 from longbatch.server.domain import BatchKind, NewBatch, NewItem
 from longbatch.server.filters import BATCH_FILTER_FIELDS, TRUE, And, Compare, Match, Not, Or, compile_filter
+from longbatch.server.pg_store import PostgresStore
 from longbatch.server.sqlite_store import SQLiteStore, render_filter
+from longbatch.server.store import Store
 
 DAY_US = 86_400_000_000
 
@@ -51,9 +54,10 @@ def test_one_term_and_or_render_as_the_term() -> None:
     assert render_filter(Or((Compare("priority", "=", 1),))) == ("(priority = ?)", [1])
 
 
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(tmp_path / "db.sqlite")
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = (SQLiteStore(tmp_path / "db.sqlite") if request.param == "sqlite"
+                else PostgresStore(request.getfixturevalue("pg_url")))
     await s.open()
     # id, model, display_name, priority (all pending, created in this order)
     rows = [("a", "models/echo", "nightly run", 0), ("b", "models/echo", "Nightly_big", 5),
@@ -89,13 +93,13 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
         ("NOT (model = echo OR priority = 5)", "c"),
     ],
 )
-async def test_real_store_results(store: SQLiteStore, text: str, expected: str) -> None:
+async def test_real_store_results(store: Store, text: str, expected: str) -> None:
     page = await store.list_batches("t", compile_filter(text, BATCH_FILTER_FIELDS), None, 10)
     assert "".join(b.id for b in page) == expected
     assert await store.list_batches("other", compile_filter(text, BATCH_FILTER_FIELDS), None, 10) == []
 
 
-async def test_real_store_keyset_and_request_id(store: SQLiteStore) -> None:
+async def test_real_store_keyset_and_request_id(store: Store) -> None:
     first = await store.list_batches("t", TRUE, None, 2)
     assert [b.id for b in first] == ["e", "d"]
     rest = await store.list_batches("t", TRUE, first[-1].seq, 10)
