@@ -406,7 +406,24 @@ async def soak(tmp_path: Path, duration_s: float) -> Tally:
                         op, code = await final.call("WaitOperation", final.stubs.ops.WaitOperation, request)
                         assert code is OK, op
                         observe(tally, b, op, "final wait", with_output=True)
-            remaining = {b.name for c in clients for b in c.mine if not b.deleted}
+            # The load's cancels mostly reach batches that just finished (echo
+            # answers in milliseconds): one batch long enough to be running
+            # when cancelled makes sure a cancel takes effect on this server.
+            long_batch = batch_pb2.BatchGenerateContentRequest(batch=batch_pb2.GenerateContentBatch(
+                model=SLOW_MODEL, display_name="soak-cancel", input_config=batch_pb2.InputConfig(
+                    requests=batch_pb2.InlinedRequests(requests=[
+                        batch_pb2.InlinedRequest(request=gen_request(f"long {i}")) for i in range(400)]))))
+            long_op, code = await final.call("BatchGenerateContent", final.stubs.batches.BatchGenerateContent,
+                                             long_batch)
+            assert code is OK, long_op
+            _, code = await final.call("CancelOperation", final.stubs.ops.CancelOperation,
+                                       operations_pb2.CancelOperationRequest(name=long_op.name))
+            assert code is OK
+            request = operations_pb2.WaitOperationRequest(name=long_op.name)
+            request.timeout.FromSeconds(30)
+            long_op, code = await final.call("WaitOperation", final.stubs.ops.WaitOperation, request)
+            assert code is OK and long_op.done and metadata_of(long_op).state == CANCELLED, long_op
+            remaining = {b.name for c in clients for b in c.mine if not b.deleted} | {long_op.name}
             listed: list[str] = []
             token = ""
             for _ in range(1000):
@@ -452,7 +469,8 @@ async def soak(tmp_path: Path, duration_s: float) -> Tally:
                                f"e.g. {tally.problems[:5]}"
     assert "Traceback" not in log, log[-3000:]
     assert tally.created >= CLIENTS, f"only {tally.created} batches created"
-    assert by_rpc.get("DeleteOperation", {}).get("OK", 0) > 0 and cancelled > 0
+    assert by_rpc.get("DeleteOperation", {}).get("OK", 0) > 0
+    assert by_rpc.get("CancelOperation", {}).get("OK", 0) > 1  # the load's and the long batch's
     return tally
 
 
