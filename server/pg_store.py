@@ -225,6 +225,19 @@ _INSERT_REQUESTS = (
 _DELETE_DELIVERIES = "DELETE FROM webhook_deliveries WHERE batch_id = $1"
 _STATE_COUNTS = "SELECT state, SUM(delta)::bigint FROM batch_state_deltas GROUP BY state"
 
+# What a lost connection raises: the socket's errors, the server ending the
+# session (restart, pg_terminate_backend), or asyncpg finding it closed.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    OSError, asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionFailureError,
+    # A session the server ended while idle in the pool can leave asyncpg's
+    # protocol mid-state: the next query fails with this before it is sent.
+    asyncpg.InternalClientError)
+
+
+class _Unbegun(Exception):
+    """A write's connection was lost before its transaction began."""
+
 _STATES: dict[int, State] = {int(s): s for s in State}
 _COUNTED_STATES: tuple[State, ...] = tuple(s for s in State if s is not State.UNSPECIFIED)
 _STATUS = {int(s): s for s in ItemStatus}
@@ -455,6 +468,29 @@ class PostgresStore:
             raise RuntimeError("store is not open")
         return self._pool
 
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run one read on a pooled connection, once more on a fresh one if
+        the first was lost (database restart, failover, a killed backend):
+        a read has no effect to repeat."""
+        pool = self._p
+        try:
+            async with pool.acquire() as conn:
+                return await fn(conn)
+        except _CONNECTION_LOST as e:
+            log.warning("PostgreSQL connection lost, reading again: %s", self._scrub(f"{type(e).__name__}: {e}"))
+            await pool.expire_connections()
+        async with pool.acquire() as conn:
+            return await fn(conn)
+
+    async def _fetch(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        return await self._read(lambda conn: conn.fetch(sql, *args))
+
+    async def _fetchrow(self, sql: str, *args: object) -> asyncpg.Record | None:
+        return await self._read(lambda conn: conn.fetchrow(sql, *args))
+
+    async def _fetchval(self, sql: str, *args: object) -> Any:
+        return await self._read(lambda conn: conn.fetchval(sql, *args))
+
     async def _write(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run ``fn`` in one transaction on a pooled connection.
 
@@ -462,12 +498,34 @@ class PostgresStore:
         for it to end (commit or rollback) before its cancellation goes on,
         so no write is cut off mid-statement and callers see writes end in
         the order their awaits returned.
+
+        A connection found lost at BEGIN is replaced and the write runs on
+        another (nothing of it ran). Lost later, the write is not repeated
+        (it may have committed): it raises, and the pool's other
+        connections, likely lost too, are replaced before their next use.
         """
         pool = self._p
 
+        async def attempt() -> T:
+            began = False
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    began = True
+                    return await fn(conn)
+            except _CONNECTION_LOST as e:
+                await pool.expire_connections()
+                if began:
+                    raise
+                log.warning("PostgreSQL connection lost, writing on another: %s",
+                            self._scrub(f"{type(e).__name__}: {e}"))
+                raise _Unbegun from None
+
         async def run() -> T:
-            async with pool.acquire() as conn, conn.transaction():
-                return await fn(conn)
+            try:
+                return await attempt()
+            except _Unbegun:
+                async with pool.acquire() as conn, conn.transaction():
+                    return await fn(conn)
 
         task = asyncio.ensure_future(run())
         self._writes.add(task)
@@ -495,9 +553,8 @@ class PostgresStore:
 
     async def usage(self, tenant: str) -> TenantUsage:
         """What ``tenant`` holds (see Store)."""
-        async with self._p.acquire() as conn:
-            files = await conn.fetchrow(_FILE_USE, tenant)
-            batches = await conn.fetchrow(_BATCH_USE, tenant)
+        files = await self._fetchrow(_FILE_USE, tenant)
+        batches = await self._fetchrow(_BATCH_USE, tenant)
         assert files is not None and batches is not None
         return TenantUsage(int(files[0]), int(files[1]), int(batches[0]), int(batches[1]))
 
@@ -551,7 +608,7 @@ class PostgresStore:
 
     async def get_batch(self, tenant: str | None, batch_id: str) -> Batch | None:
         """The batch, scoped to ``tenant`` unless it is None."""
-        row = await self._p.fetchrow(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = $1", batch_id)
+        row = await self._fetchrow(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = $1", batch_id)
         if row is None or (tenant is not None and row[2] != tenant):
             return None
         return _batch(row)
@@ -559,7 +616,7 @@ class PostgresStore:
     async def list_batches(self, tenant: str, where: Expr, before_seq: int | None, limit: int) -> list[Batch]:
         """Newest first, keyset-paged on seq (see Store)."""
         sql, params = render_filter(where, first_param=3)
-        rows = await self._p.fetch(
+        rows = await self._fetch(
             f"SELECT {_BATCH_COLUMNS} FROM batches WHERE tenant = $1 AND seq < $2 AND {sql} "
             f"ORDER BY seq DESC LIMIT ${3 + len(params)}",
             tenant, before_seq if before_seq is not None else 2**62, *params, limit)
@@ -627,7 +684,7 @@ class PostgresStore:
                     "HAVING SUM(delta) <> 0")
             return await conn.fetch(_STATE_COUNTS)
 
-        rows = await self._write(tx) if fold else await self._p.fetch(_STATE_COUNTS)
+        rows = await self._write(tx) if fold else await self._fetch(_STATE_COUNTS)
         counts: dict[State, int] = dict.fromkeys(_COUNTED_STATES, 0)
         for state, count in rows:
             if state in _STATES and _STATES[state] is not State.UNSPECIFIED:
@@ -639,13 +696,14 @@ class PostgresStore:
             await asyncio.sleep(self._state_refresh_s)
             try:
                 await self.refresh_state_counts()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-                # The last counts stay; the next round tries again.
+            except Exception as e:
+                # The last counts stay and the next round tries again: the
+                # loop must outlive any one failure, whatever it is.
                 log.warning("reading batch counts failed: %s", self._scrub(f"{type(e).__name__}: {e}"))
 
     async def unfinished_batches(self) -> list[Batch]:
         """Batches not done, oldest first."""
-        rows = await self._p.fetch(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE NOT done ORDER BY seq")
+        rows = await self._fetch(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE NOT done ORDER BY seq")
         return [_batch(r) for r in rows]
 
     async def mark_running(self, batch_id: str) -> None:
@@ -697,7 +755,7 @@ class PostgresStore:
 
     async def expired_batches(self, created_before_us: int) -> list[str]:
         """Not-done batches created before the cutoff."""
-        rows = await self._p.fetch("SELECT id FROM batches WHERE NOT done AND create_time < $1", created_before_us)
+        rows = await self._fetch("SELECT id FROM batches WHERE NOT done AND create_time < $1", created_before_us)
         return [r[0] for r in rows]
 
     async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
@@ -790,7 +848,7 @@ class PostgresStore:
 
     async def pending_items(self, batch_id: str, from_idx: int, limit: int) -> list[PendingItem]:
         """Next PENDING requests by idx."""
-        rows = await self._p.fetch(
+        rows = await self._fetch(
             "SELECT r.idx, r.payload FROM requests r WHERE r.batch_seq = (SELECT seq FROM batches WHERE id = $1) "
             "AND r.idx >= $2 AND NOT EXISTS "
             "(SELECT 1 FROM results x WHERE x.batch_seq = r.batch_seq AND x.idx = r.idx) ORDER BY r.idx LIMIT $3",
@@ -822,7 +880,7 @@ class PostgresStore:
                       ) -> list[ResultRow]:
         """Requests from ``start_idx`` in order, up to the first PENDING one
         unless ``to_first_pending`` is False (then PENDING rows come too)."""
-        rows = await self._p.fetch(
+        rows = await self._fetch(
             f"{_RESULT_ROWS} WHERE r.batch_seq = (SELECT seq FROM batches WHERE id = $1) AND r.idx >= $2 "
             "ORDER BY r.idx LIMIT $3", batch_id, start_idx, limit)
         out = []
@@ -834,12 +892,12 @@ class PostgresStore:
 
     async def finished_count(self, batch: Batch, lo: int, hi: int) -> int:
         """See Store: a range scan of the results key."""
-        return int(await self._p.fetchval(
+        return int(await self._fetchval(
             "SELECT COUNT(*) FROM results WHERE batch_seq = $1 AND idx >= $2 AND idx < $3", batch.seq, lo, hi))
 
     async def output_size(self, batch_id: str) -> int:
         """Total bytes of results and metadata (as SQLite counts them)."""
-        return int(await self._p.fetchval(
+        return int(await self._fetchval(
             # An unfinished request of a closed batch reads as a ~64-byte status.
             "SELECT (COALESCE(SUM(COALESCE(length(x.result), 64)), 0) + COALESCE(SUM(length(r.metadata)), 0) "
             "+ COUNT(*) * 16)::bigint "

@@ -3,11 +3,13 @@
 The server is the machine's PostgreSQL at 127.0.0.1:5432 (user postgres), or
 the one ``LONGBATCH_TEST_DATABASE_URL`` names (a libpq URL of a database the
 tests may connect to and create databases from). When it does not answer,
-the tests that need it are left out with one line saying how to run them
-(tests/server/conftest.py); under ``CI=true`` they fail instead, so CI never
-passes without them.
+the tests that need it are left out (``store_kinds``), and
+test_pg_store.py is skipped with one line saying how to run them; under
+``CI=true`` they run and fail instead, so CI never passes without them.
 
-Fixtures (imported into tests/server/conftest.py):
+Fixtures, imported by the test modules that use them (not from a
+tests/server/conftest.py: a second module named ``conftest`` would shadow
+tests/conftest.py for ``from conftest import ...``):
 
 * ``pg_database``: session scope; the URL of this session's database.
 * ``pg_url``: per test; the same URL with the ``public`` schema emptied, so
@@ -18,6 +20,7 @@ Fixtures (imported into tests/server/conftest.py):
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import secrets
 from collections.abc import Iterator
@@ -54,8 +57,13 @@ def _execute(url: str, sql: str) -> None:
         pool.submit(lambda: asyncio.run(_execute_async(url, sql))).result()
 
 
-def reachable() -> bool:
-    """Whether the test server answers (a login to its admin database)."""
+@functools.cache
+def available() -> bool:
+    """Whether to run the PostgreSQL tests: the test server answers, or
+    ``CI=true`` (where the fixtures then fail loudly if it does not). Asked
+    once per run, at collection."""
+    if os.environ.get("CI") == "true":
+        return True
     try:
         _execute(ADMIN_URL, "SELECT 1")
     except (TimeoutError, OSError, asyncpg.PostgresError):
@@ -63,13 +71,10 @@ def reachable() -> bool:
     return True
 
 
-def needs_postgres(item: pytest.Item) -> bool:
-    """Whether a collected test uses PostgreSQL: asks for a fixture of this
-    module, or runs a store-parametrized case with the ``postgres`` param."""
-    if {"pg_url", "pg_database"} & set(getattr(item, "fixturenames", ())):
-        return True
-    callspec = getattr(item, "callspec", None)
-    return callspec is not None and callspec.params.get("store") == "postgres"
+def store_kinds() -> list[str]:
+    """Params of a store fixture: ``postgres`` only when ``available()``
+    (test_pg_store.py then says in one line how to run it)."""
+    return ["sqlite", "postgres"] if available() else ["sqlite"]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from pg import pg_database, pg_url, store_kinds  # noqa: F401  (fixtures, by name)
 
 from longbatch.server.domain import BatchKind, NewBatch, NewItem
 from longbatch.server.filters import BATCH_FILTER_FIELDS, TRUE, And, Compare, Match, Not, Or, compile_filter
@@ -54,7 +55,7 @@ def test_one_term_and_or_render_as_the_term() -> None:
     assert render_filter(Or((Compare("priority", "=", 1),))) == ("(priority = ?)", [1])
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=store_kinds())
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     s: Store = (SQLiteStore(tmp_path / "db.sqlite") if request.param == "sqlite"
                 else PostgresStore(request.getfixturevalue("pg_url")))

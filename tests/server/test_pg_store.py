@@ -1,6 +1,11 @@
-"""What only the PostgreSQL store has: its filter dialect, its migrations
-under an advisory lock, its errors (never with the password), and several
-stores (replicas) on one database. The shared behaviour is in test_store.py."""
+"""What only the PostgreSQL store has: its migrations under an advisory
+lock, its errors (never with the password), lost connections, several
+stores (replicas) on one database, filters beyond SQLite's types. The shared
+behaviour is in test_store.py, the filter SQL in test_pg_filter_sql.py.
+
+Without a PostgreSQL to test against this module is skipped with the one
+line that says how to run it (test_store.py and test_filter_sql.py then run
+their SQLite cases only); under CI=true it always runs."""
 
 from __future__ import annotations
 
@@ -10,13 +15,23 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from pg import HOW_TO_RUN, available, pg_database, pg_url  # noqa: F401  (fixtures, by name)
 
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, State
-from longbatch.server.filters import BATCH_FILTER_FIELDS, TRUE, And, Compare, Match, Not, Or, compile_filter
-from longbatch.server.pg_store import MIGRATIONS, DatabaseUnavailable, PostgresStore, redact_url, render_filter
+from longbatch.server.filters import BATCH_FILTER_FIELDS, TRUE, compile_filter
+from longbatch.server.pg_store import MIGRATIONS, DatabaseUnavailable, PostgresStore, redact_url
+
+if not available():
+    pytest.skip(f"PostgreSQL tests skipped: {HOW_TO_RUN}", allow_module_level=True)
 
 DAY_US = 86_400_000_000
 PASSWORD = "s3cret-Pa55word"
+
+
+@pytest.fixture
+def db(pg_url: str) -> str:  # noqa: F811  (the fixture imported above)
+    """An empty database (tests/pg.py)."""
+    return pg_url
 
 
 def with_password(url: str, password: str = PASSWORD, port: int | None = None) -> str:
@@ -32,46 +47,8 @@ def new_batch(batch_id: str, **kw: object) -> NewBatch:
     return NewBatch(**fields)  # type: ignore[arg-type]
 
 
-# -- rendering ------------------------------------------------------------------
-
-
-def test_empty_and_is_true() -> None:
-    assert render_filter(TRUE) == ("TRUE", [])
-
-
-def test_sql_shape_params_in_order_and_numbered_from_first_param() -> None:
-    tree = And((Compare("priority", "=", 1), Or((Compare("state", "<", 2), Not(Compare("done", "!=", True))))))
-    assert render_filter(tree, first_param=3) == (
-        "((priority = $3::bigint) AND ((state < $4::bigint) OR (NOT (done IS DISTINCT FROM $5::boolean))))",
-        [1, 2, True])
-
-
-def test_values_are_parameters_not_sql() -> None:
-    tree = compile_filter('display_name = "x\') OR 1=1 --" AND model = echo', BATCH_FILTER_FIELDS)
-    assert render_filter(tree) == ("((display_name = $1::text) AND (model = $2::text))",
-                                   ["x') OR 1=1 --", "models/echo"])
-
-
-def test_match_escapes_like_metacharacters_and_folds_ascii_only() -> None:
-    sql, params = render_filter(compile_filter('display_name = "50%_*"', BATCH_FILTER_FIELDS))
-    assert sql == ("(translate(display_name, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') "
-                   "LIKE $1::text ESCAPE '\\')")
-    assert params == ["50\\%\\_%"]
-    assert render_filter(Match("display_name", ("A\\B", "", "Ä")))[1] == ["a\\\\b%%Ä"]
-
-
-def test_columns_come_only_from_the_table() -> None:
-    with pytest.raises(KeyError):
-        render_filter(Compare("seq; DROP TABLE batches", "=", 1))
-    assert render_filter(Compare("a", ">=", 3), {"a": "t.col"}) == ("(t.col >= $1::bigint)", [3])
-
-
-def test_one_term_and_or_render_as_the_term() -> None:
-    assert render_filter(Or((Compare("priority", "=", 1),))) == ("(priority = $1::bigint)", [1])
-
-
-async def test_filters_beyond_a_columns_range_and_non_ascii_case(pg_url: str) -> None:
-    store = PostgresStore(pg_url)
+async def test_filters_beyond_a_columns_range_and_non_ascii_case(db: str) -> None:
+    store = PostgresStore(db)
     await store.open()
     try:
         await store.create_batch(new_batch("a", display_name="Äpfel NIGHTLY"), [NewItem(0, "k", None, b"p")],
@@ -88,11 +65,11 @@ async def test_filters_beyond_a_columns_range_and_non_ascii_case(pg_url: str) ->
 # -- migrations and replicas ----------------------------------------------------
 
 
-async def test_stores_opening_one_empty_database_at_once_all_come_up(pg_url: str) -> None:
-    stores = [PostgresStore(pg_url, min_connections=1, max_connections=2) for _ in range(6)]
+async def test_stores_opening_one_empty_database_at_once_all_come_up(db: str) -> None:
+    stores = [PostgresStore(db, min_connections=1, max_connections=2) for _ in range(6)]
     try:
         await asyncio.gather(*(s.open() for s in stores))
-        conn = await asyncpg.connect(pg_url)
+        conn = await asyncpg.connect(db)
         try:
             versions = [r[0] for r in await conn.fetch("SELECT version FROM schema_version ORDER BY version")]
         finally:
@@ -113,21 +90,21 @@ async def test_stores_opening_one_empty_database_at_once_all_come_up(pg_url: str
         await asyncio.gather(*(s.close() for s in stores))
 
 
-async def test_a_schema_newer_than_the_code_is_refused(pg_url: str) -> None:
-    store = PostgresStore(pg_url)
+async def test_a_schema_newer_than_the_code_is_refused(db: str) -> None:
+    store = PostgresStore(db)
     await store.open()
     await store.close()
-    conn = await asyncpg.connect(pg_url)
+    conn = await asyncpg.connect(db)
     try:
         await conn.execute("INSERT INTO schema_version VALUES ($1, 0)", len(MIGRATIONS) + 1)
     finally:
         await conn.close()
     with pytest.raises(RuntimeError, match="newer than this server"):
-        await PostgresStore(pg_url).open()
+        await PostgresStore(db).open()
 
 
-async def test_close_is_safe_twice_and_a_closed_store_says_so(pg_url: str) -> None:
-    store = PostgresStore(pg_url)
+async def test_close_is_safe_twice_and_a_closed_store_says_so(db: str) -> None:
+    store = PostgresStore(db)
     await store.open()
     await store.close()
     await store.close()
@@ -145,11 +122,11 @@ def test_redact_url() -> None:
 
 
 async def test_unreachable_database_fails_open_clearly_without_the_password(
-        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        db: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     # Nothing listens on port 1; then a database that does not exist; then a bad port in the URL.
-    urls = [with_password(pg_url, port=1),
-            with_password(urlunsplit(urlsplit(pg_url)._replace(path="/no_such_db_here"))),
+    urls = [with_password(db, port=1),
+            with_password(urlunsplit(urlsplit(db)._replace(path="/no_such_db_here"))),
             f"postgresql://postgres:{PASSWORD}@127.0.0.1:notaport/db"]
     for url in urls:
         store = PostgresStore(url, connect_timeout_s=5)
@@ -162,11 +139,11 @@ async def test_unreachable_database_fails_open_clearly_without_the_password(
     assert PASSWORD not in caplog.text
 
 
-async def test_a_password_is_used_and_never_shown(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_password_is_used_and_never_shown(db: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     # The machine's PostgreSQL trusts local logins, so a password in the URL
     # connects; everything the store logs or raises must still leave it out.
-    store = PostgresStore(with_password(pg_url))
+    store = PostgresStore(with_password(db))
     await store.open()
     try:
         assert PASSWORD not in repr(store)
@@ -177,3 +154,39 @@ async def test_a_password_is_used_and_never_shown(pg_url: str, caplog: pytest.Lo
     finally:
         await store.close()
     assert PASSWORD not in caplog.text
+
+
+# -- connection loss ------------------------------------------------------------
+
+
+async def _kill_backends(url: str) -> int:
+    """Terminate every other session on the store's database (a restart, as the pool sees it)."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(await conn.fetchval(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"))
+    finally:
+        await conn.close()
+
+
+async def test_reads_survive_lost_connections_and_writes_resume(db: str) -> None:
+    store = PostgresStore(db, min_connections=3, max_connections=3)
+    await store.open()
+    try:
+        await store.create_batch(new_batch("c1"), [NewItem(0, "k", None, b"p")], DAY_US)
+        assert await _kill_backends(db) >= 3
+        got = await store.get_batch("t", "c1")  # read again on a fresh connection
+        assert got is not None and got.id == "c1"
+        assert [b.id for b in await store.list_batches("t", TRUE, None, 10)] == ["c1"]
+        await store.record_results("c1", ItemStatus.SUCCEEDED, [0], [b"r"])
+        # A write that finds its connection lost before BEGIN runs on another.
+        assert await _kill_backends(db) >= 1
+        await store.mark_running("c1")
+        running = await store.get_batch("t", "c1")
+        assert running is not None and running.state is State.RUNNING
+        await store.close_batch("c1", State.SUCCEEDED, None, ItemStatus.CANCELLED)
+        done = await store.mark_done("c1", None)
+        assert done is not None and done.done and done.succeeded == 1
+    finally:
+        await store.close()

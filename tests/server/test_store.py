@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
+from pg import pg_database, pg_url, store_kinds  # noqa: F401  (fixtures, by name)
 
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State, now_us
 from longbatch.server.filters import TRUE, Compare
@@ -27,7 +28,7 @@ from longbatch.server.store import OverQuota, Purged, Store, StoreConflict, Tena
 DAY_US = 86_400_000_000
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=store_kinds())
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     # Asked for only by the postgres param, so SQLite cases never wait on PostgreSQL.
     s: Store = (SQLiteStore(tmp_path / "db.sqlite") if request.param == "sqlite"
