@@ -223,6 +223,20 @@ _INSERT_REQUESTS = (
     "AS u(idx, key, metadata, payload)"
 )
 _DELETE_DELIVERIES = "DELETE FROM webhook_deliveries WHERE batch_id = $1"
+# A batch not done that reads the file: the file must stay (batches_by_input_file).
+_FILE_IN_USE = "SELECT 1 FROM batches WHERE input_file = $1 AND NOT done LIMIT 1"
+# New deliveries as arrays, only for batches that exist. FOR KEY SHARE holds
+# each batch row until commit: a delete or purge of the batch (which locks
+# the row) then either commits first, and the row is not found here, or
+# waits and deletes these deliveries too; none is left behind without its
+# batch. ON CONFLICT covers the id and the (batch, uri) pair.
+_ADD_DELIVERIES = (
+    "WITH b AS (SELECT id FROM batches WHERE id = ANY($2::text[]) FOR KEY SHARE) "
+    "INSERT INTO webhook_deliveries (id, batch_id, uri, body, status, attempts, next_attempt_time, create_time, "
+    "update_time) SELECT u.id, u.batch_id, u.uri, u.body, 'pending', u.attempts, u.next_at, $7, $7 "
+    "FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::integer[], $6::bigint[]) "
+    "AS u(id, batch_id, uri, body, attempts, next_at) JOIN b ON b.id = u.batch_id ON CONFLICT DO NOTHING"
+)
 _STATE_COUNTS = "SELECT state, SUM(delta)::bigint FROM batch_state_deltas GROUP BY state"
 
 # What a lost connection raises: the socket's errors, the server ending the
@@ -254,6 +268,13 @@ def _batch(row: asyncpg.Record) -> Batch:
         row[0], row[1], row[2], _KINDS[row[3]], row[4], row[5], row[6], _STATES[row[7]], row[8], row[9],
         row[10], row[11], row[12], row[13], row[14], row[15], row[16], row[17], row[18], row[19], row[20],
         row[21], None if row[22] is None else _STATES[row[22]],
+    )
+
+
+def _file(row: asyncpg.Record) -> StoredFile:
+    return StoredFile(
+        id=row[0], seq=row[1], tenant=row[2], display_name=row[3], mime_type=row[4], size_bytes=row[5],
+        sha256=row[6], create_time_us=row[7], expire_time_us=row[8], source=row[9],
     )
 
 
@@ -914,55 +935,128 @@ class PostgresStore:
         runs ranges in the server process)."""
         return None
 
-    # -- files (not yet) ----------------------------------------------------------
+    # -- files ------------------------------------------------------------------------
+    # Metadata only: the bytes are in the data dir (FileStorage) for now.
 
     async def add_file(self, file: StoredFile, limits: UsageLimits | None = None) -> None:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.add_file is not implemented yet")
+        """Insert a file row (its seq is assigned here), within ``limits``
+        checked under the tenant's lock (see Store)."""
+
+        async def tx(conn: Conn) -> None:
+            if limits is not None:
+                # Two replicas adding a tenant's files at once must not both
+                # pass the check on the same count.
+                await conn.execute(_TENANT_LOCK, file.tenant)
+                use = await conn.fetchrow(_FILE_USE, file.tenant)
+                assert use is not None
+                stored, count = use
+                _check("files", count, 1, limits.files)
+                _check("stored_bytes", stored, file.size_bytes, limits.stored_bytes)
+            await conn.execute(
+                "INSERT INTO files (id, tenant, display_name, mime_type, size_bytes, sha256, create_time, "
+                "expire_time, source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                file.id, file.tenant, file.display_name, file.mime_type, file.size_bytes, file.sha256,
+                file.create_time_us, file.expire_time_us, file.source)
+
+        await self._write(tx)
 
     async def get_file(self, tenant: str | None, file_id: str) -> StoredFile | None:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.get_file is not implemented yet")
+        """The file, scoped to ``tenant`` unless it is None."""
+        row = await self._fetchrow(f"SELECT {_FILE_COLUMNS} FROM files WHERE id = $1", file_id)
+        if row is None or (tenant is not None and row[2] != tenant):
+            return None
+        return _file(row)
 
     async def list_files(self, tenant: str, before_seq: int | None, limit: int) -> list[StoredFile]:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.list_files is not implemented yet")
+        """Newest first, keyset-paged on seq."""
+        rows = await self._fetch(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE tenant = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3",
+            tenant, before_seq if before_seq is not None else 2**62, limit)
+        return [_file(r) for r in rows]
 
     async def delete_file(self, tenant: str, file_id: str) -> bool:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.delete_file is not implemented yet")
+        """Delete a file row unless a batch that is not done reads it (see Store)."""
+
+        async def tx(conn: Conn) -> bool:
+            if await conn.fetchval(_FILE_IN_USE, file_id) is not None:
+                raise StoreConflict("a batch that is not done reads this file")
+            return _count(await conn.execute("DELETE FROM files WHERE id = $1 AND tenant = $2", file_id, tenant)) > 0
+
+        return await self._write(tx)
 
     async def expired_files(self, now_us: int, limit: int = 1000) -> list[StoredFile]:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.expired_files is not implemented yet")
+        """Expired files that no unfinished batch reads (see Store)."""
+        # Generated files have no expire_time: they go with their batch.
+        rows = await self._fetch(
+            f"SELECT {_FILE_COLUMNS} FROM files f WHERE f.expire_time IS NOT NULL AND f.expire_time <= $1 "
+            "AND NOT EXISTS (SELECT 1 FROM batches b WHERE b.input_file = f.id AND NOT b.done) "
+            "ORDER BY f.seq LIMIT $2", now_us, limit)
+        return [_file(r) for r in rows]
 
-    # -- webhook deliveries (not yet) -----------------------------------------------
+    # -- webhook deliveries -------------------------------------------------------------
+    # A batch's deliveries go with it (delete_batch, purge_done_batches), as
+    # in the SQLite store.
 
     async def add_webhook_deliveries(self, deliveries: Sequence[WebhookDelivery]) -> int:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.add_webhook_deliveries is not implemented yet")
+        """Insert PENDING deliveries, ignoring (batch, uri) pairs already
+        stored and batches that are gone (see Store)."""
+        if not deliveries:
+            return 0
+        now = now_us()
+
+        async def tx(conn: Conn) -> int:
+            return _count(await conn.execute(
+                _ADD_DELIVERIES, [d.id for d in deliveries], [d.batch_id for d in deliveries],
+                [d.uri for d in deliveries], [d.body for d in deliveries], [d.attempts for d in deliveries],
+                [d.next_attempt_us for d in deliveries], now))
+
+        return await self._write(tx)
 
     async def delete_orphan_webhook_deliveries(self, limit: int) -> int:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.delete_orphan_webhook_deliveries is not implemented yet")
+        """Delete up to ``limit`` deliveries whose batch is gone (see Store)."""
+
+        async def tx(conn: Conn) -> int:
+            return _count(await conn.execute(
+                "DELETE FROM webhook_deliveries WHERE id IN (SELECT d.id FROM webhook_deliveries d "
+                "WHERE NOT EXISTS (SELECT 1 FROM batches b WHERE b.id = d.batch_id) LIMIT $1)", limit))
+
+        return await self._write(tx)
 
     async def batches_missing_webhooks(self) -> list[Batch]:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.batches_missing_webhooks is not implemented yet")
+        """Done batches with a webhook config and no delivery rows."""
+        rows = await self._fetch(
+            f"SELECT {_BATCH_COLUMNS} FROM batches b WHERE b.done AND length(b.webhook) > 0 "
+            "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.batch_id = b.id) ORDER BY b.seq")
+        return [_batch(r) for r in rows]
 
     async def due_webhook_deliveries(self, now_us: int, limit: int) -> list[WebhookDelivery]:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.due_webhook_deliveries is not implemented yet")
+        """PENDING deliveries due at ``now_us``, earliest first."""
+        rows = await self._fetch(
+            "SELECT id, batch_id, uri, body, attempts, next_attempt_time FROM webhook_deliveries "
+            "WHERE status = 'pending' AND next_attempt_time <= $1 ORDER BY next_attempt_time LIMIT $2",
+            now_us, limit)
+        return [WebhookDelivery(id=r[0], batch_id=r[1], uri=r[2], body=bytes(r[3]), attempts=r[4],
+                                next_attempt_us=r[5]) for r in rows]
 
     async def next_webhook_time(self, after_us: int) -> int | None:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.next_webhook_time is not implemented yet")
+        """Earliest PENDING attempt time after ``after_us``."""
+        value = await self._fetchval(
+            "SELECT MIN(next_attempt_time) FROM webhook_deliveries WHERE status = 'pending' "
+            "AND next_attempt_time > $1", after_us)
+        return None if value is None else int(value)
 
     async def record_webhook_attempt(
         self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
     ) -> None:
-        """Not implemented yet for PostgreSQL."""
-        raise NotImplementedError("PostgresStore.record_webhook_attempt is not implemented yet")
+        """Store an attempt's outcome."""
+
+        async def tx(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE webhook_deliveries SET attempts = $1, status = $2, next_attempt_time = $3, last_error = $4, "
+                "update_time = $5 WHERE id = $6",
+                attempts, status.value, next_attempt_us, error, now_us(), delivery_id)
+
+        await self._write(tx)
 
 
 # -- transaction bodies shared by several methods ------------------------------------

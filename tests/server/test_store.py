@@ -16,14 +16,25 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import asyncpg
 import pytest
 from pg import pg_database, pg_url, store_kinds  # noqa: F401  (fixtures, by name)
 
-from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State, now_us
+from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State, StoredFile, now_us
 from longbatch.server.filters import TRUE, Compare
 from longbatch.server.pg_store import PostgresStore
 from longbatch.server.sqlite_store import MIGRATIONS, SQLiteStore
-from longbatch.server.store import OverQuota, Purged, Store, StoreConflict, TenantUsage, UsageLimits
+from longbatch.server.store import (
+    DeliveryStatus,
+    OverQuota,
+    Purged,
+    Store,
+    StoreConflict,
+    TenantUsage,
+    UsageLimits,
+    WebhookDelivery,
+)
+from longbatch.v1 import batch_pb2
 
 DAY_US = 86_400_000_000
 
@@ -377,3 +388,162 @@ async def test_sizes_and_finished_counts(store: Store) -> None:
     assert await store.output_size("s1") == 8 + 3 * 64 + 12 + 6 * 16
     assert await store.output_size("nope") == 0
     assert await store.pending_items("nope", 0, 10) == [] and await store.results("nope", 0, 10) == []
+
+
+# -- files --------------------------------------------------------------------------
+
+
+def new_file(file_id: str, tenant: str = "t", size: int = 10, expire_us: int | None = None,
+             source: str = "uploaded") -> StoredFile:
+    return StoredFile(id=file_id, seq=0, tenant=tenant, display_name=f"name-{file_id}", mime_type="application/jsonl",
+                      size_bytes=size, sha256=b"\x01" * 32, create_time_us=now_us(), expire_time_us=expire_us,
+                      source=source)
+
+
+async def done_batch(store: Store, batch_id: str, **kw: object) -> None:
+    await store.create_batch(new_batch(batch_id, **kw), items(1), DAY_US)
+    await store.close_batch(batch_id, State.CANCELLED, None, ItemStatus.CANCELLED)
+    await store.mark_done(batch_id, None)
+
+
+async def test_files_are_stored_scoped_listed_newest_first_and_deleted(store: Store) -> None:
+    for i in range(5):
+        await store.add_file(new_file(f"f{i}", expire_us=1000 + i))
+    await store.add_file(new_file("u0", tenant="u", source="generated"))
+    got = await store.get_file("t", "f2")
+    assert got is not None and got.seq > 0
+    assert (got.id, got.tenant, got.display_name, got.mime_type, got.size_bytes, got.sha256, got.expire_time_us,
+            got.source) == ("f2", "t", "name-f2", "application/jsonl", 10, b"\x01" * 32, 1002, "uploaded")
+    assert await store.get_file("u", "f2") is None and await store.get_file(None, "f2") == got
+    assert await store.get_file("t", "nope") is None
+    page = await store.list_files("t", None, 2)
+    assert [f.id for f in page] == ["f4", "f3"]
+    page = await store.list_files("t", page[-1].seq, 10)
+    assert [f.id for f in page] == ["f2", "f1", "f0"]
+    assert [f.id for f in await store.list_files("u", None, 10)] == ["u0"]
+    assert await store.delete_file("u", "f1") is False  # another tenant's
+    assert await store.delete_file("t", "nope") is False
+    assert await store.delete_file("t", "f1") is True
+    assert await store.get_file("t", "f1") is None and await store.delete_file("t", "f1") is False
+    assert await store.usage("t") == TenantUsage(40, 4, 0, 0)
+
+
+async def test_a_file_read_by_a_batch_not_done_is_kept(store: Store) -> None:
+    await store.add_file(new_file("in", expire_us=1))
+    await store.add_file(new_file("old", expire_us=2))
+    await store.add_file(new_file("new", expire_us=now_us() + DAY_US))
+    await store.add_file(new_file("out", source="generated"))  # no expiry: goes with its batch
+    await store.create_batch(new_batch("reader", input_file="in"), [], DAY_US)
+    with pytest.raises(StoreConflict):
+        await store.delete_file("t", "in")
+    assert [f.id for f in await store.expired_files(now_us())] == ["old"]
+    await store.close_batch("reader", State.CANCELLED, None, ItemStatus.CANCELLED)
+    assert [f.id for f in await store.expired_files(now_us())] == ["old"]  # closed is not done
+    await store.mark_done("reader", None)
+    assert [f.id for f in await store.expired_files(now_us())] == ["in", "old"]  # oldest first
+    assert [f.id for f in await store.expired_files(now_us(), limit=1)] == ["in"]
+    assert [f.id for f in await store.expired_files(1)] == ["in"]
+    assert await store.delete_file("t", "in") is True
+
+
+async def test_file_quotas_are_checked_in_the_write(store: Store) -> None:
+    limits = UsageLimits(stored_bytes=100, files=3)
+    await store.add_file(new_file("a", size=60), limits)
+    with pytest.raises(OverQuota) as over:
+        await store.add_file(new_file("b", size=41), limits)
+    assert (over.value.quota, over.value.used, over.value.adding, over.value.limit) == ("stored_bytes", 60, 41, 100)
+    assert await store.get_file("t", "b") is None
+    await store.add_file(new_file("b", size=40), limits)
+    await store.add_file(new_file("c", size=0), limits)
+    with pytest.raises(OverQuota) as over:
+        await store.add_file(new_file("d", size=0), limits)
+    assert over.value.quota == "files"
+    await store.add_file(new_file("d", size=1000))  # no limits, no checks
+    await store.add_file(new_file("e", tenant="u", size=100), limits)  # another tenant's room
+    assert await store.usage("t") == TenantUsage(1100, 4, 0, 0)
+    # Concurrent adds: the check and the insert do not interleave.
+    tries = await asyncio.gather(*(store.add_file(new_file(f"v{i}", tenant="v", size=1), UsageLimits(files=4))
+                                   for i in range(10)), return_exceptions=True)
+    assert sum(isinstance(t, OverQuota) for t in tries) == 6 and (await store.usage("v")).files == 4
+
+
+# -- webhook deliveries -----------------------------------------------------------------
+
+
+def delivery(delivery_id: str, batch_id: str, uri: str = "http://x.test/a", due_us: int = 0) -> WebhookDelivery:
+    return WebhookDelivery(id=delivery_id, batch_id=batch_id, uri=uri, body=b'{"n":1}', attempts=0,
+                           next_attempt_us=due_us)
+
+
+async def orphan_deliveries(store: Store, count: int) -> None:
+    """Store deliveries whose batch is gone, as older versions left them."""
+    rows = [(f"orphan{i}", "gone", f"http://x.test/{i}", b"{}", 0, 0, 0) for i in range(count)]
+    sql = ("INSERT INTO webhook_deliveries (id, batch_id, uri, body, next_attempt_time, create_time, update_time) "
+           "VALUES ({})")
+    if isinstance(store, SQLiteStore):
+        db = sqlite3.connect(store._path)
+        with db:
+            db.executemany(sql.format("?, ?, ?, ?, ?, ?, ?"), rows)
+        db.close()
+    else:
+        assert isinstance(store, PostgresStore)
+        conn = await asyncpg.connect(store._url)
+        try:
+            await conn.executemany(sql.format("$1, $2, $3, $4, $5, $6, $7"), rows)
+        finally:
+            await conn.close()
+
+
+async def test_deliveries_are_stored_once_per_uri_and_only_for_existing_batches(store: Store) -> None:
+    await done_batch(store, "w1")
+    await done_batch(store, "w2")
+    added = await store.add_webhook_deliveries([delivery("d1", "w1"), delivery("d2", "w1", "http://x.test/b"),
+                                                delivery("d3", "w2"), delivery("d4", "gone")])
+    assert added == 3
+    # The same (batch, uri) again, under a new id, and an id again: kept as they are.
+    assert await store.add_webhook_deliveries([delivery("d5", "w1"), delivery("d1", "w2", "http://x.test/c")]) == 0
+    assert await store.add_webhook_deliveries([]) == 0
+    due = await store.due_webhook_deliveries(now_us(), 10)
+    assert sorted(d.id for d in due) == ["d1", "d2", "d3"]
+    assert next(d for d in due if d.id == "d1") == delivery("d1", "w1")
+    # Deleting a batch deletes its deliveries; an enqueue after that stores nothing.
+    assert await store.delete_batch("t", "w2") == []
+    assert sorted(d.id for d in await store.due_webhook_deliveries(now_us(), 10)) == ["d1", "d2"]
+    assert await store.add_webhook_deliveries([delivery("d6", "w2")]) == 0
+
+
+async def test_deliveries_come_due_in_order_and_record_their_attempts(store: Store) -> None:
+    await done_batch(store, "w1")
+    now = now_us()
+    await store.add_webhook_deliveries([delivery("late", "w1", "http://x.test/l", now + 5_000_000),
+                                        delivery("second", "w1", "http://x.test/s", now - 1_000),
+                                        delivery("first", "w1", "http://x.test/f", now - 2_000)])
+    assert [d.id for d in await store.due_webhook_deliveries(now, 10)] == ["first", "second"]
+    assert [d.id for d in await store.due_webhook_deliveries(now, 1)] == ["first"]
+    assert await store.next_webhook_time(now) == now + 5_000_000
+    assert await store.next_webhook_time(now + 5_000_000) is None
+    await store.record_webhook_attempt("first", 1, DeliveryStatus.PENDING, now + 1_000_000, "HTTP 500")
+    await store.record_webhook_attempt("second", 1, DeliveryStatus.DELIVERED, now, None)
+    assert await store.due_webhook_deliveries(now, 10) == []
+    assert await store.next_webhook_time(now) == now + 1_000_000
+    retry = await store.due_webhook_deliveries(now + 1_000_000, 10)
+    assert [(d.id, d.attempts, d.next_attempt_us) for d in retry] == [("first", 1, now + 1_000_000)]
+    await store.record_webhook_attempt("first", 2, DeliveryStatus.FAILED, now, "HTTP 500")
+    await store.record_webhook_attempt("late", 1, DeliveryStatus.DELIVERED, now, None)
+    assert await store.due_webhook_deliveries(now + DAY_US, 10) == [] and await store.next_webhook_time(0) is None
+
+
+async def test_batches_missing_webhooks_and_orphan_deliveries(store: Store) -> None:
+    config = batch_pb2.WebhookConfig(uris=["http://x.test/a"]).SerializeToString()
+    await done_batch(store, "m1", webhook=config)
+    await done_batch(store, "m2", webhook=config)
+    await done_batch(store, "m3")  # no webhook
+    await store.create_batch(new_batch("m4", webhook=config), items(1), DAY_US)  # not done
+    assert [b.id for b in await store.batches_missing_webhooks()] == ["m1", "m2"]
+    await store.add_webhook_deliveries([delivery("d1", "m1")])
+    assert [b.id for b in await store.batches_missing_webhooks()] == ["m2"]
+    await orphan_deliveries(store, 5)
+    assert await store.delete_orphan_webhook_deliveries(3) == 3
+    assert await store.delete_orphan_webhook_deliveries(3) == 2
+    assert await store.delete_orphan_webhook_deliveries(3) == 0
+    assert [d.id for d in await store.due_webhook_deliveries(now_us(), 10)] == ["d1"]
