@@ -48,6 +48,8 @@ from .domain import (
 from .filters import And, Compare, Expr, Match, Not
 from .store import (
     DeliveryStatus,
+    Lease,
+    LeaseLost,
     OverQuota,
     Purged,
     RangeRunner,
@@ -164,6 +166,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER batch_states_update AFTER UPDATE OF state ON batches
         FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION batch_state_delta();
     """,
+    # v2: named leases with fencing tokens (store.LeaseStore), as SQLite's v8.
+    # A row is never deleted, only expired, so its token keeps growing.
+    """
+    CREATE TABLE leases (
+        name text PRIMARY KEY,
+        owner text NOT NULL,
+        token bigint NOT NULL,               -- of the latest grant
+        expire_time bigint NOT NULL          -- microseconds since the epoch, database clock; 0 once released
+    );
+    """,
 )
 
 # Taken around migrations (session level) so that replicas opening one empty
@@ -237,6 +249,21 @@ _ADD_DELIVERIES = (
     "FROM unnest($1::text[], $2::text[], $3::text[], $4::bytea[], $5::integer[], $6::bigint[]) "
     "AS u(id, batch_id, uri, body, attempts, next_at) JOIN b ON b.id = u.batch_id ON CONFLICT DO NOTHING"
 )
+# Leases (store.LeaseStore) on the database's clock, so that replicas with
+# skewed clocks agree on expiry: now() is the transaction's start.
+_NOW_US = "(extract(epoch FROM now()) * 1000000)::bigint"
+# Grants a free or expired name with the next token; a live lease is left
+# alone (no row returned). Two grants at once: the second waits on the row
+# and re-checks the WHERE against the first's grant, so one wins.
+_ACQUIRE_LEASE = (
+    f"INSERT INTO leases AS l (name, owner, token, expire_time) VALUES ($1, $2, 1, {_NOW_US} + $3) "
+    "ON CONFLICT (name) DO UPDATE SET owner = EXCLUDED.owner, token = l.token + 1, "
+    f"expire_time = EXCLUDED.expire_time WHERE l.expire_time <= {_NOW_US} RETURNING token"
+)
+_RENEW_LEASE = (f"UPDATE leases SET expire_time = {_NOW_US} + $4 WHERE name = $1 AND owner = $2 AND token = $3 "
+                f"AND expire_time > {_NOW_US}")
+_RELEASE_LEASE = "UPDATE leases SET expire_time = 0 WHERE name = $1 AND owner = $2 AND token = $3"
+_LIVE_LEASE = f"SELECT 1 FROM leases WHERE name = $1 AND owner = $2 AND token = $3 AND expire_time > {_NOW_US}"
 _STATE_COUNTS = "SELECT state, SUM(delta)::bigint FROM batch_state_deltas GROUP BY state"
 
 # What a lost connection raises: the socket's errors, the server ending the
@@ -779,10 +806,13 @@ class PostgresStore:
         rows = await self._fetch("SELECT id FROM batches WHERE NOT done AND create_time < $1", created_before_us)
         return [r[0] for r in rows]
 
-    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
-        """Delete old done batches in one bounded transaction (see Store)."""
+    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int, *,
+                                 lease: Lease | None = None) -> Purged:
+        """Delete old done batches in one bounded transaction, fenced by
+        ``lease`` when given (see Store)."""
 
         async def tx(conn: Conn) -> Purged:
+            await _fence(conn, lease)
             batch_ids: list[str] = []
             file_ids: list[str] = []
             budget = max_requests
@@ -974,10 +1004,12 @@ class PostgresStore:
             tenant, before_seq if before_seq is not None else 2**62, limit)
         return [_file(r) for r in rows]
 
-    async def delete_file(self, tenant: str, file_id: str) -> bool:
-        """Delete a file row unless a batch that is not done reads it (see Store)."""
+    async def delete_file(self, tenant: str, file_id: str, *, lease: Lease | None = None) -> bool:
+        """Delete a file row unless a batch that is not done reads it, fenced
+        by ``lease`` when given (see Store)."""
 
         async def tx(conn: Conn) -> bool:
+            await _fence(conn, lease)
             if await conn.fetchval(_FILE_IN_USE, file_id) is not None:
                 raise StoreConflict("a batch that is not done reads this file")
             return _count(await conn.execute("DELETE FROM files WHERE id = $1 AND tenant = $2", file_id, tenant)) > 0
@@ -1058,6 +1090,27 @@ class PostgresStore:
 
         await self._write(tx)
 
+    # -- leases -------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> Lease | None:
+        """Grant ``name`` if it is free or expired (see LeaseStore)."""
+        token = await self._write(lambda conn: conn.fetchval(_ACQUIRE_LEASE, name, owner, int(ttl_s * 1_000_000)))
+        return None if token is None else Lease(name, owner, int(token))
+
+    async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        """Extend a live lease (see LeaseStore)."""
+        status = await self._write(lambda conn: conn.execute(
+            _RENEW_LEASE, lease.name, lease.owner, lease.token, int(ttl_s * 1_000_000)))
+        return _count(status) > 0
+
+    async def release_lease(self, lease: Lease) -> None:
+        """End the lease if it is the latest grant (see LeaseStore)."""
+        await self._write(lambda conn: conn.execute(_RELEASE_LEASE, lease.name, lease.owner, lease.token))
+
+    async def holds_lease(self, lease: Lease) -> bool:
+        """Whether the lease is live now."""
+        return await self._fetchval(_LIVE_LEASE, lease.name, lease.owner, lease.token) is not None
+
 
 # -- transaction bodies shared by several methods ------------------------------------
 
@@ -1078,6 +1131,16 @@ async def _insert_items(conn: Conn, seq: int, items: Iterable[NewItem],
     status = await conn.copy_records_to_table(
         "requests", records=itertools.chain(head, it), columns=_REQUEST_COLUMNS)
     return _count(status)
+
+
+async def _fence(conn: Conn, lease: Lease | None) -> None:
+    """The check of a fenced write (see store.LeaseStore), first in its
+    transaction. FOR SHARE holds the lease's row until the transaction ends:
+    a grant of the name must update that row, so none commits before this
+    write does (and renewals wait the same short while)."""
+    if lease is not None and await conn.fetchval(
+            _LIVE_LEASE + " FOR SHARE", lease.name, lease.owner, lease.token) is None:
+        raise LeaseLost(lease)
 
 
 async def _delete_batch_rows(conn: Conn, seq: int, batch_id: str) -> int:

@@ -43,6 +43,8 @@ from .filters import And, Compare, Expr, Match, Not
 from .store import (
     Answerer,
     DeliveryStatus,
+    Lease,
+    LeaseLost,
     OverQuota,
     Purged,
     RangeRun,
@@ -182,6 +184,16 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER batch_states_delete AFTER DELETE ON batches BEGIN
         UPDATE batch_states SET count = count - 1 WHERE state = OLD.state;
     END;
+    """,
+    # v8: named leases with fencing tokens (store.LeaseStore). A row is never
+    # deleted, only expired, so its token keeps growing across grants.
+    """
+    CREATE TABLE leases (
+        name TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        token INTEGER NOT NULL,              -- of the latest grant
+        expire_time INTEGER NOT NULL         -- microseconds since the epoch; 0 once released
+    ) WITHOUT ROWID;
     """,
 )
 
@@ -384,6 +396,29 @@ def _check(quota: str, used: int, adding: int, limit: int | None) -> None:
     """Raise OverQuota when ``used + adding`` goes over ``limit`` (None: no limit)."""
     if limit is not None and used + adding > limit:
         raise OverQuota(quota, used, limit, adding)
+
+
+# Leases (store.LeaseStore); times are this process's now_us(), taken on the
+# writer thread when the transaction runs, not when it was queued.
+# The upsert grants a free or expired name with the next token, and leaves a
+# live lease alone (no row returned).
+_ACQUIRE_LEASE = (
+    "INSERT INTO leases (name, owner, token, expire_time) VALUES (?1, ?2, 1, ?3 + ?4) "
+    "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, token = token + 1, "
+    "expire_time = excluded.expire_time WHERE expire_time <= ?3 RETURNING token"
+)
+_RENEW_LEASE = ("UPDATE leases SET expire_time = ?5 + ?4 WHERE name = ?1 AND owner = ?2 AND token = ?3 "
+                "AND expire_time > ?5")
+_RELEASE_LEASE = "UPDATE leases SET expire_time = 0 WHERE name = ? AND owner = ? AND token = ?"
+_LIVE_LEASE = "SELECT 1 FROM leases WHERE name = ? AND owner = ? AND token = ? AND expire_time > ?"
+
+
+def _fence(conn: sqlite3.Connection, lease: Lease | None) -> None:
+    """The check of a fenced write (see store.LeaseStore), first in its
+    transaction: the single writer keeps any grant out until it commits."""
+    if lease is not None and conn.execute(
+            _LIVE_LEASE, (lease.name, lease.owner, lease.token, now_us())).fetchone() is None:
+        raise LeaseLost(lease)
 
 
 # By batch id, on the (batch_id, uri) unique index.
@@ -921,10 +956,13 @@ class SQLiteStore:
         )
         return [r[0] for r in rows]
 
-    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
-        """Delete old done batches in one bounded transaction (see Store)."""
+    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int, *,
+                                 lease: Lease | None = None) -> Purged:
+        """Delete old done batches in one bounded transaction, fenced by
+        ``lease`` when given (see Store)."""
 
         def tx(conn: sqlite3.Connection) -> Purged:
+            _fence(conn, lease)
             batch_ids: list[str] = []
             file_ids: list[str] = []
             budget = max_requests
@@ -1007,10 +1045,12 @@ class SQLiteStore:
         )
         return [_file(r) for r in rows]
 
-    async def delete_file(self, tenant: str, file_id: str) -> bool:
-        """Delete a file row unless a batch that is not done reads it."""
+    async def delete_file(self, tenant: str, file_id: str, *, lease: Lease | None = None) -> bool:
+        """Delete a file row unless a batch that is not done reads it, fenced
+        by ``lease`` when given."""
 
         def tx(conn: sqlite3.Connection) -> bool:
+            _fence(conn, lease)
             if conn.execute(
                 "SELECT 1 FROM batches WHERE input_file = ? AND done = 0 LIMIT 1", (file_id,)
             ).fetchone() is not None:
@@ -1120,3 +1160,35 @@ class SQLiteStore:
             )
 
         await self._write(tx)
+
+    # -- leases ---------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> Lease | None:
+        """Grant ``name`` if it is free or expired (see LeaseStore)."""
+
+        def tx(conn: sqlite3.Connection) -> Any:
+            return conn.execute(_ACQUIRE_LEASE, (name, owner, now_us(), int(ttl_s * 1_000_000))).fetchone()
+
+        row = await self._write(tx)
+        return None if row is None else Lease(name, owner, int(row[0]))
+
+    async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        """Extend a live lease (see LeaseStore)."""
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            return conn.execute(_RENEW_LEASE, (lease.name, lease.owner, lease.token, int(ttl_s * 1_000_000),
+                                               now_us())).rowcount > 0
+
+        return await self._write(tx)
+
+    async def release_lease(self, lease: Lease) -> None:
+        """End the lease if it is the latest grant (see LeaseStore)."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(_RELEASE_LEASE, (lease.name, lease.owner, lease.token))
+
+        await self._write(tx)
+
+    async def holds_lease(self, lease: Lease) -> bool:
+        """Whether the lease is live now (a point read)."""
+        return self._quick_one(_LIVE_LEASE, (lease.name, lease.owner, lease.token, now_us())) is not None

@@ -2,7 +2,8 @@
 
 The seam is split by concern, one narrow Protocol each (``StoreLifecycle``,
 ``BatchStore``, ``ItemStore`` for requests and results, ``FileStore``,
-``DeliveryStore``), so that a component can ask for only what it uses and a
+``DeliveryStore``, ``LeaseStore`` for work that one replica at a time may
+do), so that a component can ask for only what it uses and a
 store can be read one concern at a time; ``Store`` combines them. Every
 implementation (``sqlite_store.SQLiteStore``, ``pg_store.PostgresStore``)
 must pass the same contract suite in tests/server/test_store.py. All
@@ -137,13 +138,17 @@ class BatchStore(Protocol):
     async def expired_batches(self, created_before_us: int) -> list[str]:
         """Ids of batches not done that were created before the given time."""
 
-    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int) -> Purged:
+    async def purge_done_batches(self, ended_before_us: int, max_batches: int, max_requests: int, *,
+                                 lease: Lease | None = None) -> Purged:
         """One bounded step of retention, in one transaction: delete batches done
         before ``ended_before_us`` (oldest end first), at most ``max_batches``,
         with their requests and generated file rows, and at most
         ``max_requests`` request rows. A batch with more requests than that
         loses them ``max_requests`` at a time, last first, over several steps;
-        its row goes with the last of them. Input files are left alone."""
+        its row goes with the last of them. Input files are left alone.
+
+        With ``lease``, a fenced write (see ``LeaseStore``): raises
+        ``LeaseLost``, nothing deleted, unless the lease is live."""
 
 
 class ItemStore(Protocol):
@@ -220,9 +225,11 @@ class FileStore(Protocol):
     async def list_files(self, tenant: str, before_seq: int | None, limit: int) -> list[StoredFile]:
         """Files newest first with ``seq < before_seq``."""
 
-    async def delete_file(self, tenant: str, file_id: str) -> bool:
+    async def delete_file(self, tenant: str, file_id: str, *, lease: Lease | None = None) -> bool:
         """Forget a file; False if unknown. Raises ``StoreConflict`` while a
-        batch that is not done reads it."""
+        batch that is not done reads it. With ``lease``, a fenced write (see
+        ``LeaseStore``): raises ``LeaseLost``, nothing deleted, unless the
+        lease is live."""
 
     async def expired_files(self, now_us: int, limit: int = 1000) -> list[StoredFile]:
         """Up to ``limit`` files whose expire time is at or before ``now_us``,
@@ -260,9 +267,75 @@ class DeliveryStore(Protocol):
         """Store the outcome of an attempt: its count, status and next time."""
 
 
-class Store(StoreLifecycle, BatchStore, ItemStore, FileStore, DeliveryStore, Protocol):
-    """Persistent state of batches, their requests and results, files and webhook
-    deliveries: every concern's Protocol in one, what the server is composed with."""
+class LeaseStore(Protocol):
+    """Named leases with fencing tokens: what one replica at a time may do
+    (a retention step, a file expiry sweep) is done under one.
+
+    A lease ``name`` is held by at most one owner at a time, until its TTL
+    runs out on the store's clock (PostgreSQL: the database's ``now()``, the
+    same for every replica; SQLite: this process's clock, as every other
+    time it stores). Every grant of a name carries a token greater than any
+    earlier grant's, whoever the owners: a token identifies one grant.
+
+    A lease is *live* while its grant is the name's latest and its TTL has
+    not run out. The holder must not count on having it beyond that: it can
+    expire while the holder is busy or paused, and another owner take it.
+
+    Fenced writes: a write that must not commit under a lost lease takes a
+    ``lease=`` argument (``purge_done_batches``, ``delete_file``; a later
+    writer such as the executor adds the same argument to its writes). The
+    store checks the lease inside that write's own transaction, before
+    anything else, and raises ``LeaseLost`` with nothing written unless it
+    is live; the check also keeps the lease from being granted to anyone
+    else until that transaction ends (PostgreSQL: a share lock on the
+    lease's row, which a grant must update; SQLite: the one writer), so the
+    write commits either under the live lease or not at all. ``holds_lease``
+    is the same check on its own, for a holder deciding whether to go on;
+    acting on its answer later is not fenced.
+    """
+
+    async def acquire_lease(self, name: str, owner: str, ttl_s: float) -> Lease | None:
+        """Grant ``name`` to ``owner`` for ``ttl_s`` seconds if no live lease
+        holds it (never held, released, or expired), with a new, greater
+        token; None while it is held, by this owner too (use
+        ``renew_lease``)."""
+
+    async def renew_lease(self, lease: Lease, ttl_s: float) -> bool:
+        """Extend a live lease to ``ttl_s`` seconds from now; False (nothing
+        changed) once it is not live: expired, released, or granted again."""
+
+    async def release_lease(self, lease: Lease) -> None:
+        """End the lease now, so another owner may take it at once; nothing
+        happens unless it is the name's latest grant. Tokens are kept: the
+        next grant's is still greater."""
+
+    async def holds_lease(self, lease: Lease) -> bool:
+        """Whether the lease is live now."""
+
+
+class Store(StoreLifecycle, BatchStore, ItemStore, FileStore, DeliveryStore, LeaseStore, Protocol):
+    """Persistent state of batches, their requests and results, files, webhook
+    deliveries and leases: every concern's Protocol in one, what the server is
+    composed with."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One grant of a named lease (see ``LeaseStore``)."""
+
+    name: str
+    owner: str
+    """Who asked for it: unique per process and task, e.g. a random id."""
+    token: int
+    """The fencing token: greater than that of every earlier grant of ``name``."""
+
+
+class LeaseLost(Exception):
+    """A fenced write found its lease no longer live; nothing was written."""
+
+    def __init__(self, lease: Lease) -> None:
+        super().__init__(f"lease {lease.name!r} (token {lease.token}) is no longer held by {lease.owner!r}")
+        self.lease = lease
 
 
 @dataclass(frozen=True, slots=True)

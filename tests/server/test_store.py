@@ -26,6 +26,8 @@ from longbatch.server.pg_store import PostgresStore
 from longbatch.server.sqlite_store import MIGRATIONS, SQLiteStore
 from longbatch.server.store import (
     DeliveryStatus,
+    Lease,
+    LeaseLost,
     OverQuota,
     Purged,
     Store,
@@ -35,6 +37,8 @@ from longbatch.server.store import (
     WebhookDelivery,
 )
 from longbatch.v1 import batch_pb2
+
+from support import eventually
 
 DAY_US = 86_400_000_000
 
@@ -547,3 +551,82 @@ async def test_batches_missing_webhooks_and_orphan_deliveries(store: Store) -> N
     assert await store.delete_orphan_webhook_deliveries(3) == 2
     assert await store.delete_orphan_webhook_deliveries(3) == 0
     assert [d.id for d in await store.due_webhook_deliveries(now_us(), 10)] == ["d1"]
+
+
+# -- leases ---------------------------------------------------------------------------
+
+
+async def until_acquired(store: Store, name: str, owner: str, ttl_s: float, within: float = 10.0) -> Lease:
+    """Ask for the lease until it is granted (the holder's expires); bounded."""
+    lease: Lease = await eventually(lambda: store.acquire_lease(name, owner, ttl_s), within,
+                                    what=f"lease {name} for {owner}", every=0.01)
+    return lease
+
+
+async def test_a_lease_goes_to_one_owner_of_those_contending(store: Store) -> None:
+    tries = await asyncio.gather(*(store.acquire_lease("job", f"o{i}", 60) for i in range(8)))
+    granted = [t for t in tries if t is not None]
+    assert len(granted) == 1 and granted[0].name == "job" and granted[0].token >= 1
+    lease = granted[0]
+    assert await store.holds_lease(lease)
+    assert await store.acquire_lease("job", lease.owner, 60) is None  # held: by its owner too
+    assert await store.acquire_lease("other-job", "o0", 60) is not None  # names are independent
+    assert await store.renew_lease(lease, 60)
+    assert not await store.renew_lease(Lease("job", "o-not", lease.token), 60)  # not the holder
+    assert not await store.renew_lease(Lease("job", lease.owner, lease.token + 1), 60)  # not the token
+    assert not await store.holds_lease(Lease("job", lease.owner, lease.token - 1))
+
+
+async def test_an_expired_lease_goes_to_another_with_a_greater_token(store: Store) -> None:
+    first = await store.acquire_lease("job", "a", 0.05)
+    assert first is not None
+    second = await until_acquired(store, "job", "b", 60)
+    assert second.token > first.token and second.owner == "b"
+    # The first holder lost it: no renew, no hold, no release of the new grant.
+    assert not await store.holds_lease(first)
+    assert not await store.renew_lease(first, 60)
+    await store.release_lease(first)
+    assert await store.holds_lease(second) and await store.acquire_lease("job", "a", 60) is None
+    # An expired lease that nobody took is not renewed either: acquire again.
+    lapsed = await store.acquire_lease("lapsing", "a", 0.01)
+    assert lapsed is not None
+    async def lapsed_out() -> bool:
+        return not await store.holds_lease(lapsed)
+
+    await eventually(lapsed_out, what="the lease expiring", every=0.01)
+    assert not await store.renew_lease(lapsed, 60)
+
+
+async def test_a_released_lease_is_free_at_once_and_tokens_never_go_back(store: Store) -> None:
+    tokens = []
+    for i in range(6):
+        lease = await store.acquire_lease("job", f"o{i % 2}", 60)
+        assert lease is not None
+        tokens.append(lease.token)
+        await store.release_lease(lease)
+        assert not await store.holds_lease(lease) and not await store.renew_lease(lease, 60)
+    assert tokens == sorted(set(tokens))
+    # Expired grants count too.
+    lease = await store.acquire_lease("job", "x", 0.01)
+    assert lease is not None and lease.token > tokens[-1]
+    after = await until_acquired(store, "job", "y", 60)
+    assert after.token > lease.token
+
+
+async def test_a_fenced_write_under_a_lost_lease_is_refused(store: Store) -> None:
+    await done_batch(store, "b1")
+    await store.add_file(new_file("f1", expire_us=1))
+    lease = await store.acquire_lease("retention", "a", 0.05)
+    assert lease is not None
+    taker = await until_acquired(store, "retention", "b", 60)
+    with pytest.raises(LeaseLost):
+        await store.purge_done_batches(now_us() + 1, 10, 100, lease=lease)
+    with pytest.raises(LeaseLost):
+        await store.delete_file("t", "f1", lease=lease)
+    assert await store.get_batch(None, "b1") is not None and await store.get_file("t", "f1") is not None
+    # Under the live lease the same writes go through.
+    assert (await store.purge_done_batches(now_us() + 1, 10, 100, lease=taker)).batch_ids == ["b1"]
+    assert await store.delete_file("t", "f1", lease=taker)
+    await store.release_lease(taker)
+    with pytest.raises(LeaseLost):
+        await store.delete_file("t", "f1", lease=taker)
