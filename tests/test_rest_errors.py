@@ -324,6 +324,35 @@ async def test_resumable_upload_rules(make_server: MakeServer, http: aiohttp.Cli
     assert [f["sizeBytes"] for f in listed["files"]] == ["10"]
 
 
+async def test_upload_finalize_alone_and_cancel(make_server: MakeServer, http: aiohttp.ClientSession) -> None:
+    server = await _keyed(make_server)
+    assert server.running.http is not None
+    uploads = server.running.http.uploads
+    # The bytes in one chunk, then a bodiless finalize.
+    url = await _upload_start(http, server, size=6)
+    got, _, h = await _call(http, "POST", url, headers=_chunk("upload", 0), data=b"abcdef")
+    assert got == 200 and h["X-Goog-Upload-Status"] == "active"
+    got, body, h = await _call(http, "POST", url, headers=_chunk("finalize", 6))
+    assert got == 200 and h["X-Goog-Upload-Status"] == "final" and body["file"]["sizeBytes"] == "6"
+    # A cancelled upload is gone with what it had received.
+    url = await _upload_start(http, server)
+    await _call(http, "POST", url, headers=_chunk("upload", 0), data=b"xyz")
+    got, _, h = await _call(http, "POST", url, headers={"X-Goog-Upload-Command": "cancel"})
+    assert got == 200 and h["X-Goog-Upload-Status"] == "cancelled"
+    assert len(uploads) == 0
+    got, body, h = await _call(http, "POST", url, headers=_chunk("upload, finalize", 3), data=b"z")
+    _error(body, 404, "NOT_FOUND", "UPLOAD_NOT_FOUND")
+    # An unknown command ends the upload too, and says which ones exist.
+    url = await _upload_start(http, server)
+    got, body, h = await _call(http, "POST", url, headers={"X-Goog-Upload-Command": "rewind"})
+    error = _error(body, 400, "INVALID_ARGUMENT", "UPLOAD_COMMAND_INVALID")
+    assert "finalize" in error["message"] and h["X-Goog-Upload-Status"] == "final"
+    assert len(uploads) == 0
+    _, listed, _ = await _call(http, "GET", f"{server.http}/v1beta/files", headers=A)
+    assert [f["sizeBytes"] for f in listed["files"]] == ["6"]
+    assert not any((server.data_dir / "files" / ".tmp").iterdir())
+
+
 async def test_an_upload_cut_midway_leaves_nothing(make_server: MakeServer, http: aiohttp.ClientSession) -> None:
     server = await _keyed(make_server)
     url = await _upload_start(http, server)
