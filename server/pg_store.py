@@ -176,6 +176,11 @@ MIGRATIONS: tuple[str, ...] = (
         expire_time bigint NOT NULL          -- microseconds since the epoch, database clock; 0 once released
     );
     """,
+    # v3: delivery claims, as SQLite's v9 (claimed_until on the database clock).
+    """
+    ALTER TABLE webhook_deliveries ADD COLUMN claim bigint NOT NULL DEFAULT 0;
+    ALTER TABLE webhook_deliveries ADD COLUMN claimed_until bigint NOT NULL DEFAULT 0;
+    """,
 )
 
 # Taken around migrations (session level) so that replicas opening one empty
@@ -264,6 +269,16 @@ _RENEW_LEASE = (f"UPDATE leases SET expire_time = {_NOW_US} + $4 WHERE name = $1
                 f"AND expire_time > {_NOW_US}")
 _RELEASE_LEASE = "UPDATE leases SET expire_time = 0 WHERE name = $1 AND owner = $2 AND token = $3"
 _LIVE_LEASE = f"SELECT 1 FROM leases WHERE name = $1 AND owner = $2 AND token = $3 AND expire_time > {_NOW_US}"
+_DELIVERY_COLUMNS = "id, batch_id, uri, body, attempts, next_attempt_time, claim"
+# Due deliveries no live claim holds. SKIP LOCKED: dispatchers claiming at
+# once take different rows; a row claimed by a transaction that committed
+# meanwhile is re-checked on its new version and left out.
+_CLAIM_DELIVERIES = (
+    "WITH c AS (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_time <= $1 "
+    f"AND claimed_until <= {_NOW_US} ORDER BY next_attempt_time LIMIT $2 FOR UPDATE SKIP LOCKED) "
+    f"UPDATE webhook_deliveries d SET claim = d.claim + 1, claimed_until = {_NOW_US} + $3 FROM c "
+    f"WHERE d.id = c.id RETURNING {', '.join('d.' + c for c in _DELIVERY_COLUMNS.split(', '))}"
+)
 _STATE_COUNTS = "SELECT state, SUM(delta)::bigint FROM batch_state_deltas GROUP BY state"
 
 # What a lost connection raises: the socket's errors, the server ending the
@@ -303,6 +318,12 @@ def _file(row: asyncpg.Record) -> StoredFile:
         id=row[0], seq=row[1], tenant=row[2], display_name=row[3], mime_type=row[4], size_bytes=row[5],
         sha256=row[6], create_time_us=row[7], expire_time_us=row[8], source=row[9],
     )
+
+
+def _delivery(row: asyncpg.Record) -> WebhookDelivery:
+    # Positional, in _DELIVERY_COLUMNS order.
+    return WebhookDelivery(id=row[0], batch_id=row[1], uri=row[2], body=bytes(row[3]), attempts=row[4],
+                           next_attempt_us=row[5], claim=row[6])
 
 
 def _check(quota: str, used: int, adding: int, limit: int | None) -> None:
@@ -1064,31 +1085,39 @@ class PostgresStore:
     async def due_webhook_deliveries(self, now_us: int, limit: int) -> list[WebhookDelivery]:
         """PENDING deliveries due at ``now_us``, earliest first."""
         rows = await self._fetch(
-            "SELECT id, batch_id, uri, body, attempts, next_attempt_time FROM webhook_deliveries "
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries "
             "WHERE status = 'pending' AND next_attempt_time <= $1 ORDER BY next_attempt_time LIMIT $2",
             now_us, limit)
-        return [WebhookDelivery(id=r[0], batch_id=r[1], uri=r[2], body=bytes(r[3]), attempts=r[4],
-                                next_attempt_us=r[5]) for r in rows]
+        return [_delivery(r) for r in rows]
+
+    async def claim_webhook_deliveries(self, now_us: int, limit: int, claim_s: float) -> list[WebhookDelivery]:
+        """Claim due deliveries no live claim holds (see DeliveryStore)."""
+        rows = await self._write(lambda conn: conn.fetch(_CLAIM_DELIVERIES, now_us, limit, int(claim_s * 1_000_000)))
+        # RETURNING comes in no particular order.
+        return sorted((_delivery(r) for r in rows), key=lambda d: (d.next_attempt_us, d.id))
 
     async def next_webhook_time(self, after_us: int) -> int | None:
-        """Earliest PENDING attempt time after ``after_us``."""
+        """Earliest time after ``after_us`` a PENDING delivery comes due (a
+        claimed one when its claim ends, on the database's clock: replicas'
+        clocks are taken to agree to well within a claim)."""
         value = await self._fetchval(
-            "SELECT MIN(next_attempt_time) FROM webhook_deliveries WHERE status = 'pending' "
-            "AND next_attempt_time > $1", after_us)
+            "SELECT MIN(GREATEST(next_attempt_time, claimed_until)) FROM webhook_deliveries "
+            "WHERE status = 'pending' AND GREATEST(next_attempt_time, claimed_until) > $1", after_us)
         return None if value is None else int(value)
 
     async def record_webhook_attempt(
-        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
-    ) -> None:
-        """Store an attempt's outcome."""
+        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None,
+        *, claim: int | None = None,
+    ) -> bool:
+        """Store an attempt's outcome and end its claim (see DeliveryStore)."""
 
-        async def tx(conn: Conn) -> None:
-            await conn.execute(
+        async def tx(conn: Conn) -> bool:
+            return _count(await conn.execute(
                 "UPDATE webhook_deliveries SET attempts = $1, status = $2, next_attempt_time = $3, last_error = $4, "
-                "update_time = $5 WHERE id = $6",
-                attempts, status.value, next_attempt_us, error, now_us(), delivery_id)
+                "update_time = $5, claimed_until = 0 WHERE id = $6 AND ($7::bigint IS NULL OR claim = $7)",
+                attempts, status.value, next_attempt_us, error, now_us(), delivery_id, claim)) > 0
 
-        await self._write(tx)
+        return await self._write(tx)
 
     # -- leases -------------------------------------------------------------------------
 

@@ -195,6 +195,13 @@ MIGRATIONS: tuple[str, ...] = (
         expire_time INTEGER NOT NULL         -- microseconds since the epoch; 0 once released
     ) WITHOUT ROWID;
     """,
+    # v9: a dispatcher claims a delivery before attempting it, so two sharing
+    # the database never attempt it at once: claim counts the claims (the
+    # fencing token of the latest), claimed_until ends the latest.
+    """
+    ALTER TABLE webhook_deliveries ADD COLUMN claim INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE webhook_deliveries ADD COLUMN claimed_until INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 # Requests with their results; status 0 (PENDING) and result NULL while unfinished.
@@ -419,6 +426,25 @@ def _fence(conn: sqlite3.Connection, lease: Lease | None) -> None:
     if lease is not None and conn.execute(
             _LIVE_LEASE, (lease.name, lease.owner, lease.token, now_us())).fetchone() is None:
         raise LeaseLost(lease)
+
+
+# The store's clock, under a name that parameters called now_us do not hide.
+_clock = now_us
+_DELIVERY_COLUMNS = "id, batch_id, uri, body, attempts, next_attempt_time, claim"
+# Due deliveries no live claim holds, claimed in one statement (the writer
+# is single, so no two claims interleave). ?1 is the caller's due time, ?2
+# the store's clock (the same clock here), ?4 the claim's length.
+_CLAIM_DELIVERIES = (
+    "UPDATE webhook_deliveries SET claim = claim + 1, claimed_until = ?2 + ?4 WHERE id IN "
+    "(SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_time <= ?1 "
+    "AND claimed_until <= ?2 ORDER BY next_attempt_time LIMIT ?3) "
+    f"RETURNING {_DELIVERY_COLUMNS}"
+)
+
+
+def _delivery(row: sqlite3.Row | tuple[Any, ...]) -> WebhookDelivery:
+    return WebhookDelivery(id=row[0], batch_id=row[1], uri=row[2], body=bytes(row[3]), attempts=row[4],
+                           next_attempt_us=row[5], claim=row[6])
 
 
 # By batch id, on the (batch_id, uri) unique index.
@@ -1132,34 +1158,46 @@ class SQLiteStore:
     async def due_webhook_deliveries(self, now_us: int, limit: int) -> list[WebhookDelivery]:
         """PENDING deliveries due at ``now_us``, earliest first."""
         rows = await self._all(
-            "SELECT id, batch_id, uri, body, attempts, next_attempt_time FROM webhook_deliveries "
+            f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries "
             "WHERE status = 'pending' AND next_attempt_time <= ? ORDER BY next_attempt_time LIMIT ?",
             (now_us, limit),
         )
-        return [WebhookDelivery(id=r[0], batch_id=r[1], uri=r[2], body=bytes(r[3]), attempts=r[4],
-                                next_attempt_us=r[5]) for r in rows]
+        return [_delivery(r) for r in rows]
+
+    async def claim_webhook_deliveries(self, now_us: int, limit: int, claim_s: float) -> list[WebhookDelivery]:
+        """Claim due deliveries no live claim holds (see DeliveryStore)."""
+
+        def tx(conn: sqlite3.Connection) -> list[Any]:
+            return conn.execute(_CLAIM_DELIVERIES, (now_us, _clock(), limit, int(claim_s * 1_000_000))).fetchall()
+
+        rows = await self._write(tx)
+        # RETURNING comes in no particular order.
+        return sorted((_delivery(r) for r in rows), key=lambda d: (d.next_attempt_us, d.id))
 
     async def next_webhook_time(self, after_us: int) -> int | None:
-        """Earliest PENDING attempt time after ``after_us``."""
+        """Earliest time after ``after_us`` a PENDING delivery comes due
+        (a claimed one when its claim ends)."""
         row = await self._one(
-            "SELECT MIN(next_attempt_time) FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_time > ?",
+            "SELECT MIN(MAX(next_attempt_time, claimed_until)) FROM webhook_deliveries WHERE status = 'pending' "
+            "AND MAX(next_attempt_time, claimed_until) > ?",
             (after_us,),
         )
         return int(row[0]) if row and row[0] is not None else None
 
     async def record_webhook_attempt(
-        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
-    ) -> None:
-        """Store an attempt's outcome."""
+        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None,
+        *, claim: int | None = None,
+    ) -> bool:
+        """Store an attempt's outcome and end its claim (see DeliveryStore)."""
 
-        def tx(conn: sqlite3.Connection) -> None:
-            conn.execute(
+        def tx(conn: sqlite3.Connection) -> bool:
+            return conn.execute(
                 "UPDATE webhook_deliveries SET attempts = ?, status = ?, next_attempt_time = ?, last_error = ?, "
-                "update_time = ? WHERE id = ?",
-                (attempts, status.value, next_attempt_us, error, now_us(), delivery_id),
-            )
+                "update_time = ?, claimed_until = 0 WHERE id = ? AND (? IS NULL OR claim = ?)",
+                (attempts, status.value, next_attempt_us, error, now_us(), delivery_id, claim, claim),
+            ).rowcount > 0
 
-        await self._write(tx)
+        return await self._write(tx)
 
     # -- leases ---------------------------------------------------------------
 

@@ -256,15 +256,30 @@ class DeliveryStore(Protocol):
         process died between ``mark_done`` and enqueueing them)."""
 
     async def due_webhook_deliveries(self, now_us: int, limit: int) -> list[WebhookDelivery]:
-        """Up to ``limit`` PENDING deliveries due at ``now_us``, earliest first."""
+        """Up to ``limit`` PENDING deliveries due at ``now_us``, earliest first
+        (claimed or not: a read, for inspection)."""
+
+    async def claim_webhook_deliveries(self, now_us: int, limit: int, claim_s: float) -> list[WebhookDelivery]:
+        """Claim up to ``limit`` PENDING deliveries due at ``now_us`` that no
+        live claim holds, earliest first, for ``claim_s`` seconds on the
+        store's clock (see ``LeaseStore``), in one write: dispatchers sharing
+        the store never get the same delivery while its claim lasts. Each
+        comes with its ``claim`` token, greater than that of any earlier
+        claim of it, for ``record_webhook_attempt``."""
 
     async def next_webhook_time(self, after_us: int) -> int | None:
-        """The earliest attempt time of a PENDING delivery after ``after_us``."""
+        """The earliest time after ``after_us`` at which a PENDING delivery
+        comes due: its attempt time, or, while a claim holds it, the claim's
+        end (when a dispatcher that died holding it leaves it to others)."""
 
     async def record_webhook_attempt(
-        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None
-    ) -> None:
-        """Store the outcome of an attempt: its count, status and next time."""
+        self, delivery_id: str, attempts: int, status: DeliveryStatus, next_attempt_us: int, error: str | None,
+        *, claim: int | None = None,
+    ) -> bool:
+        """Store the outcome of an attempt: its count, status and next time,
+        and end its claim. With ``claim``, only while that is the delivery's
+        latest claim (a dispatcher whose claim ran out and was taken over
+        writes nothing). Whether it was stored."""
 
 
 class LeaseStore(Protocol):
@@ -413,3 +428,5 @@ class WebhookDelivery:
     """Attempts made so far."""
     next_attempt_us: int
     """When the next attempt is due, microseconds since the epoch."""
+    claim: int = 0
+    """The token of the claim it was read under (``claim_webhook_deliveries``); 0 unclaimed."""

@@ -630,3 +630,43 @@ async def test_a_fenced_write_under_a_lost_lease_is_refused(store: Store) -> Non
     await store.release_lease(taker)
     with pytest.raises(LeaseLost):
         await store.delete_file("t", "f1", lease=taker)
+
+
+async def test_due_deliveries_are_claimed_by_one_dispatcher_at_a_time(store: Store) -> None:
+    await done_batch(store, "w1")
+    now = now_us()
+    await store.add_webhook_deliveries([delivery(f"d{i}", "w1", f"http://x.test/{i}", now - 1000 + i)
+                                        for i in range(10)])
+    claims = await asyncio.gather(*(store.claim_webhook_deliveries(now, 3, 60) for _ in range(4)))
+    ids = [d.id for got in claims for d in got]
+    assert sorted(ids) == sorted(f"d{i}" for i in range(10))  # each once, none left out
+    assert all(len(got) <= 3 and [d.next_attempt_us for d in got] == sorted(d.next_attempt_us for d in got)
+               for got in claims)
+    assert all(d.claim >= 1 for got in claims for d in got)
+    assert await store.claim_webhook_deliveries(now, 10, 60) == []  # all held
+    assert len(await store.due_webhook_deliveries(now, 20)) == 10  # still PENDING and due
+    # A claimed delivery comes due again when its claim ends.
+    later = await store.next_webhook_time(now)
+    assert later is not None and later > now + 50_000_000
+    first = next(d for got in claims for d in got if d.id == "d0")
+    assert await store.record_webhook_attempt("d0", 1, DeliveryStatus.PENDING, now + 5, "HTTP 500", claim=first.claim)
+    # Recorded: the claim ended, the retry is due at its time.
+    (again,) = await store.claim_webhook_deliveries(now + 5, 10, 60)
+    assert (again.id, again.attempts) == ("d0", 1) and again.claim > first.claim
+
+
+async def test_an_attempt_under_a_claim_taken_over_is_not_recorded(store: Store) -> None:
+    await done_batch(store, "w1")
+    now = now_us()
+    await store.add_webhook_deliveries([delivery("d1", "w1", due_us=now)])
+    (lost,) = await store.claim_webhook_deliveries(now, 10, 0.05)
+
+    async def claim_again() -> list[WebhookDelivery]:
+        return await store.claim_webhook_deliveries(now, 10, 60)
+
+    (taken,) = await eventually(claim_again, what="the claim running out", every=0.01)
+    assert taken.id == "d1" and taken.claim > lost.claim
+    assert not await store.record_webhook_attempt("d1", 1, DeliveryStatus.DELIVERED, now, None, claim=lost.claim)
+    assert [d.id for d in await store.due_webhook_deliveries(now, 10)] == ["d1"]  # nothing written
+    assert await store.record_webhook_attempt("d1", 1, DeliveryStatus.DELIVERED, now, None, claim=taken.claim)
+    assert await store.due_webhook_deliveries(now, 10) == [] and await store.next_webhook_time(0) is None
