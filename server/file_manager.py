@@ -28,9 +28,10 @@ from .domain import StoredFile, now_us
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from .files import FileStorage, new_id
 from .ingest import SMALL_FILE_BYTES
+from .leases import held, lease_owner
 from .paging import PageTokens, read_page_request
 from .quotas import Quotas, Upload
-from .store import Store, StoreConflict
+from .store import LeaseLost, Store, StoreConflict
 from .validate import MAX_DISPLAY_NAME
 
 log = logging.getLogger("longbatch.files")
@@ -317,12 +318,23 @@ class FileExpiry:
 
     Runs every ``min(60 s, file_ttl / 20)``, at least every 50 ms apart. A
     file read by a batch that is not done stays until that batch is done.
+
+    Replicas sharing a database take turns: a sweep runs under the store's
+    ``file-expiry`` lease, renewed as it goes, and each row is deleted by a
+    write fenced by it (refused once the lease is lost); a replica that
+    finds the lease held skips that round.
     """
 
-    def __init__(self, store: Store, storage: FileStorage, file_ttl_s: float) -> None:
+    LEASE = "file-expiry"
+    """The lease a sweep runs under (``store.LeaseStore``)."""
+
+    def __init__(self, store: Store, storage: FileStorage, file_ttl_s: float, lease_ttl_s: float = 60.0) -> None:
         self._store = store
         self._storage = storage
         self.interval_s = max(0.05, min(60.0, file_ttl_s / 20))
+        self._lease_ttl_s = lease_ttl_s
+        """How long the lease lasts past each renewal; renewed every third of it."""
+        self._owner = lease_owner("file-expiry")
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -347,16 +359,26 @@ class FileExpiry:
                 log.exception("file expiry sweep failed; retrying in %.3g s", self.interval_s)
 
     async def sweep(self) -> int:
-        """Delete the files expired by now; return how many were deleted."""
+        """Delete the files expired by now; return how many were deleted
+        (0 when another holder of the lease is sweeping)."""
         deleted = 0
-        for f in await self._store.expired_files(now_us()):
-            try:
-                if not await self._store.delete_file(f.tenant, f.id):
-                    continue
-            except StoreConflict:
-                continue  # a batch started reading it since the query
-            await asyncio.to_thread(self._storage.delete, f.id)
-            deleted += 1
+        async with held(self._store, self.LEASE, self._owner, self._lease_ttl_s) as lease:
+            if lease is None:
+                return 0
+            for f in await self._store.expired_files(now_us()):
+                if not await lease.keep(every_s=self._lease_ttl_s / 3):
+                    break
+                try:
+                    if not await self._store.delete_file(f.tenant, f.id, lease=lease.lease):
+                        continue
+                except StoreConflict:
+                    continue  # a batch started reading it since the query
+                except LeaseLost:
+                    log.warning("file expiry lease lost mid-sweep; another replica goes on")
+                    break
+                # After the row, as in retention: never a listed file without bytes.
+                await asyncio.to_thread(self._storage.delete, f.id)
+                deleted += 1
         if deleted:
             log.info("deleted %d expired file(s)", deleted)
         return deleted

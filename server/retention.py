@@ -10,6 +10,11 @@ touched here; uploads follow ``file_ttl`` (``file_manager.FileExpiry``).
 The purge runs in small transactions (``max_batches`` batches and at most
 ``max_requests`` request rows each) so that it never holds the store's single
 writer for long, however much has piled up.
+
+Replicas sharing a database take turns: a sweep runs under the store's
+``retention`` lease (``leases.held``), renewed before every step and passed
+to each step's write, which the store refuses once the lease is lost; a
+replica that finds the lease held skips that round.
 """
 
 from __future__ import annotations
@@ -19,13 +24,18 @@ import logging
 
 from .domain import now_us
 from .files import FileStorage
+from .leases import held, lease_owner
 from .outputs import Outputs
-from .store import Store
+from .store import LeaseLost, Store
 
 log = logging.getLogger("longbatch.retention")
 
 MAX_INTERVAL_S = 3600.0
 MIN_INTERVAL_S = 0.05
+LEASE = "retention"
+"""The lease a sweep runs under (``store.LeaseStore``)."""
+LEASE_TTL_S = 60.0
+"""How long the lease lasts past each renewal: well over one bounded step."""
 
 
 class RetentionPurge:
@@ -42,6 +52,7 @@ class RetentionPurge:
         retention_s: float,
         max_batches: int = 500,
         max_requests: int = 20_000,
+        lease_ttl_s: float = LEASE_TTL_S,
     ) -> None:
         self._store = store
         self._storage = storage
@@ -52,6 +63,8 @@ class RetentionPurge:
         if max_batches < 1 or max_requests < 1:
             raise ValueError("each purge step must be allowed at least one batch and one request")
         self.interval_s = max(MIN_INTERVAL_S, min(MAX_INTERVAL_S, retention_s / 20))
+        self._lease_ttl_s = lease_ttl_s
+        self._owner = lease_owner("retention")
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
@@ -89,36 +102,48 @@ class RetentionPurge:
                 log.exception("retention purge failed; retrying in %.3g s", self.interval_s)
 
     async def sweep(self) -> int:
-        """Purge everything past retention by now; return how many batches went."""
+        """Purge everything past retention by now; return how many batches
+        went (0 when another holder of the lease is sweeping)."""
         cutoff = now_us() - self._retention_us
         purged = 0
-        while True:
-            step = await self._store.purge_done_batches(cutoff, self._max_batches, self._max_requests)
-            # Bytes go only once their rows are gone: a crash in between
-            # leaves an unlisted file on disk, never a listed file without bytes.
-            if step.file_ids:
-                await asyncio.to_thread(self._delete_files, step.file_ids)
-            for batch_id in step.batch_ids:
-                self._outputs.forget(batch_id)
-            purged += len(step.batch_ids)
-            if not step.more or self._stopping.is_set():
-                break
-            # Between steps the writer is free for others: asyncio.Lock
-            # serves waiters in order, so clients' writes get in here.
-            await asyncio.sleep(0)
+        async with held(self._store, LEASE, self._owner, self._lease_ttl_s) as lease:
+            if lease is None:
+                return 0
+            while True:
+                try:
+                    step = await self._store.purge_done_batches(cutoff, self._max_batches, self._max_requests,
+                                                                lease=lease.lease)
+                except LeaseLost:
+                    log.warning("retention lease lost mid-sweep; another replica goes on")
+                    break
+                # Bytes go only once their rows are gone: a crash in between
+                # leaves an unlisted file on disk, never a listed file without bytes.
+                if step.file_ids:
+                    await asyncio.to_thread(self._delete_files, step.file_ids)
+                for batch_id in step.batch_ids:
+                    self._outputs.forget(batch_id)
+                purged += len(step.batch_ids)
+                if not step.more or self._stopping.is_set():
+                    break
+                # Between steps the writer is free for others: asyncio.Lock
+                # serves waiters in order, so clients' writes get in here.
+                # The renewal gives the next step a whole TTL.
+                if not await lease.keep():
+                    break
         if purged:
             log.info("purged %d batch(es) done more than %.6g s ago", purged, self._retention_us / 1_000_000)
         return purged
 
     async def delete_orphan_deliveries(self) -> int:
-        """Delete webhook deliveries whose batch is gone, in bounded steps; return how many went."""
+        """Delete webhook deliveries whose batch is gone, in bounded steps,
+        under the retention lease; return how many went."""
         deleted = 0
-        while not self._stopping.is_set():
-            step = await self._store.delete_orphan_webhook_deliveries(self._max_batches)
-            deleted += step
-            if step < self._max_batches:
-                break
-            await asyncio.sleep(0)  # let other writers in between steps
+        async with held(self._store, LEASE, self._owner, self._lease_ttl_s) as lease:
+            while lease is not None and not self._stopping.is_set():
+                step = await self._store.delete_orphan_webhook_deliveries(self._max_batches)
+                deleted += step
+                if step < self._max_batches or not await lease.keep():
+                    break
         if deleted:
             log.info("deleted %d webhook deliveries of batches deleted before", deleted)
         return deleted

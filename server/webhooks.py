@@ -27,6 +27,15 @@ its output is at most ``MAX_BODY_WITH_OUTPUT`` bytes, because it is stored
 once per URI and many receivers refuse larger requests; an output that does
 not fit is left out and ``output_omitted`` says so.
 
+Several dispatchers (replicas) may share one store: each delivery is claimed
+in the store before an attempt (``claim_webhook_deliveries``) for longer than
+an attempt can take (``claim_s``), so no two dispatchers attempt it at once,
+and an attempt's outcome is stored only under its claim (a dispatcher whose
+claim ran out and was taken over stores nothing). A claim left by a
+dispatcher that died runs out and the delivery is sent again. An idle
+dispatcher looks for due deliveries at least every ``POLL_S``, since another
+replica's enqueue does not wake it.
+
 Crash safety: a delivery is PENDING in the store until an attempt succeeds or
 the last one fails, so a restart resumes it (an attempt cut short by the
 crash is sent again: delivery is at least once, and ``X-Longbatch-Delivery``
@@ -75,6 +84,15 @@ TIMESTAMP_HEADER = "X-Longbatch-Timestamp"
 _USER_AGENT = "longbatch-webhooks/1"
 _MAX_ERROR_CHARS = 500
 _RETRY_AFTER_STATUSES = (429, 503)
+POLL_S = 30.0
+"""Longest an idle dispatcher waits before looking for due deliveries again."""
+
+
+def claim_s(settings: WebhookSettings) -> float:
+    """How long a dispatcher claims a delivery for one attempt: the POST's
+    whole timeout twice over, and a second for recording its outcome, so a
+    claim outlasts any attempt of a live dispatcher."""
+    return 2 * settings.timeout_s + 1.0
 
 MAX_BODY_WITH_OUTPUT = 1 << 20
 """Bytes of a notification body that carries ``output`` (1 MiB).
@@ -254,10 +272,7 @@ class WebhookDispatcher:
         self._guard = Guard(AllowList.parse(settings.allow))
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
-        # Ids sent by this process whose rows a due-query may still show as
-        # PENDING; see _dispatch_due.
-        self._claimed: set[str] = set()
-        self._released: set[str] = set()
+        self._claim_s = claim_s(settings)
         self._enqueues: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -348,27 +363,21 @@ class WebhookDispatcher:
                 log.exception("reading due webhook deliveries failed; retrying in 1s")
                 timeout = 1.0
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(POLL_S if timeout is None else min(timeout, POLL_S)):
                     await self._wake.wait()
 
     async def _dispatch_due(self) -> float | None:
-        """Start attempts for due deliveries; seconds until the next is due."""
-        # A finished attempt has stored its outcome, so a query issued from
-        # here on sees it; one issued before (and answered after the attempt
-        # finished) may not, which is why an id is released only now, and not
-        # when its attempt finishes: otherwise a stale row is sent twice.
-        self._claimed -= self._released
-        self._released.clear()
+        """Claim and start attempts for due deliveries; seconds until the next is due."""
         free = self._settings.max_concurrency - len(self._inflight)
         if free <= 0:
             return None  # a finishing attempt wakes the loop
         now = now_us()
-        # Claimed deliveries are still PENDING and due: ask for enough rows to
-        # fill every free slot with one that is not.
-        for delivery in await self._store.due_webhook_deliveries(now, free + len(self._claimed)):
-            if free > 0 and delivery.id not in self._claimed:
-                self._spawn_send(delivery)
-                free -= 1
+        # Claimed in one write, so neither another dispatcher nor a stale
+        # read of this one's (an attempt just finished) gets them again
+        # while the claim lasts; recording an attempt ends its claim.
+        for delivery in await self._store.claim_webhook_deliveries(now, free, self._claim_s):
+            self._spawn_send(delivery)
+            free -= 1
         if free <= 0:
             return None
         next_us = await self._store.next_webhook_time(now)
@@ -377,11 +386,9 @@ class WebhookDispatcher:
     def _spawn_send(self, delivery: WebhookDelivery) -> None:
         task = asyncio.create_task(self._send(delivery), name=f"webhook-{delivery.id}")
         self._inflight[delivery.id] = task
-        self._claimed.add(delivery.id)
 
         def finished(_: asyncio.Task[None]) -> None:
             self._inflight.pop(delivery.id, None)
-            self._released.add(delivery.id)
             self._wake.set()
 
         task.add_done_callback(finished)
@@ -395,23 +402,23 @@ class WebhookDispatcher:
             # The host alone decides it: every later attempt would fail the same way.
             log.warning("webhook batches/%s -> %s: attempt %d refused (%s); giving up", delivery.batch_id, where,
                         attempt, refused)
-            await self._record(delivery.id, attempt, DeliveryStatus.FAILED, now_us(), refused)
+            await self._record(delivery, attempt, DeliveryStatus.FAILED, now_us(), refused)
             return
         error, retry_after = await self._post(delivery)
         settings = self._settings
         if error is None:
             log.info("webhook batches/%s -> %s: attempt %d delivered", delivery.batch_id, where, attempt)
-            await self._record(delivery.id, attempt, DeliveryStatus.DELIVERED, now_us(), None)
+            await self._record(delivery, attempt, DeliveryStatus.DELIVERED, now_us(), None)
             return
         if attempt >= settings.max_attempts:
             log.warning("webhook batches/%s -> %s: attempt %d failed (%s); giving up", delivery.batch_id, where,
                         attempt, error)
-            await self._record(delivery.id, attempt, DeliveryStatus.FAILED, now_us(), error)
+            await self._record(delivery, attempt, DeliveryStatus.FAILED, now_us(), error)
             return
         delay = self._backoff.delay(attempt, retry_after)
         log.warning("webhook batches/%s -> %s: attempt %d failed (%s); retrying in %.3gs", delivery.batch_id,
                     where, attempt, error, delay)
-        await self._record(delivery.id, attempt, DeliveryStatus.PENDING, now_us() + int(delay * 1e6), error)
+        await self._record(delivery, attempt, DeliveryStatus.PENDING, now_us() + int(delay * 1e6), error)
 
     def _refused(self, uri: str) -> str | None:
         """Why the URI's host is refused before any lookup, or None.
@@ -467,10 +474,15 @@ class WebhookDispatcher:
                           loggable_uri(delivery.uri))
             return f"{type(e).__name__}"[:_MAX_ERROR_CHARS], None
 
-    async def _record(self, delivery_id: str, attempts: int, status: DeliveryStatus, next_us: int,
+    async def _record(self, delivery: WebhookDelivery, attempts: int, status: DeliveryStatus, next_us: int,
                       error: str | None) -> None:
         try:
-            await self._store.record_webhook_attempt(delivery_id, attempts, status, next_us, error)
+            if not await self._store.record_webhook_attempt(delivery.id, attempts, status, next_us, error,
+                                                            claim=delivery.claim):
+                # Its claim ran out mid-attempt and another dispatcher took
+                # it over: that one's outcome counts (delivery is at least once).
+                log.warning("webhook batches/%s -> %s: attempt %d outlasted its claim; not recorded",
+                            delivery.batch_id, loggable_uri(delivery.uri), attempts)
         except Exception:
             # The row stays as it was: the attempt is made again later.
-            log.exception("recording webhook attempt %d of delivery %s failed", attempts, delivery_id)
+            log.exception("recording webhook attempt %d of delivery %s failed", attempts, delivery.id)
