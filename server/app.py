@@ -22,6 +22,7 @@ from .config import ServerConfig
 from .datadir import DB_NAME, secure_data_dir
 from .domain import Batch
 from .edge import Authenticator, EdgeRegistrar
+from .events import BatchEvents, LocalEvents
 from .executor import Executor, ModelRuntime
 from .file_manager import FileExpiry, FileManager
 from .files import FileStorage
@@ -74,6 +75,7 @@ class Running:
     outputs: Outputs | None = None
     retention: RetentionPurge | None = None
     http: HttpSurface | None = None
+    events: BatchEvents | None = None
     _stopped: bool = False
 
     @property
@@ -93,6 +95,8 @@ class Running:
             await self.http.stop()
         await self.server.stop(grace)
         await self.executor.stop(grace)
+        if self.events is not None:  # after the executor, which publishes the batches it finishes
+            await self.events.close()
         if self.outputs is not None:  # after the executor, which writes outputs of the batches it finishes
             await self.outputs.close()
         if self.workers is not None:  # after the executor: batches it finishes write their outputs there
@@ -136,6 +140,8 @@ async def _assemble(
     files.prepare()
     metrics = Metrics(batch_counts=store.count_batches_by_state)
     notifier = Notifier()
+    events = LocalEvents()  # one replica: in process
+    events.subscribe(notifier.on_event)
     workers = WorkerPool(config.workers)
     outputs = Outputs(store, files, config.limits.max_inline_output, workers=workers)
     runtimes = {
@@ -152,7 +158,7 @@ async def _assemble(
         return await ingest(batch, files.path(batch.input_file), config.limits,
                             quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)), workers)
 
-    executor = Executor(store, runtimes, config.executor, outputs, notifier, config.limits.batch_ttl_s, read_input,
+    executor = Executor(store, runtimes, config.executor, outputs, events, config.limits.batch_ttl_s, read_input,
                         workers, tenant_weights={t.name: t.weight for t in config.tenants}, metrics=metrics)
     webhooks = WebhookDispatcher(store, config.webhooks, config.webhook_secret)
     executor.on_terminal = webhooks.on_terminal
@@ -200,6 +206,7 @@ async def _assemble(
                            max_body=config.limits.max_create_bytes, metrics=metrics.exposition,
                            observe=metrics.observe_http)
     await webhooks.start()
+    await events.start()
     await executor.start()
     await server.start()
     for name in ("", *SERVICE_NAMES):
@@ -210,7 +217,7 @@ async def _assemble(
     retention.start()
     running = Running(bound, server, health_servicer, executor, store, config.grace_period_s,
                       file_expiry=file_expiry, webhooks=webhooks, workers=workers, outputs=outputs,
-                      retention=retention, http=http)
+                      retention=retention, http=http, events=events)
     if http is not None and http_port is not None:
         # Last, once everything it calls runs; a port it cannot have stops the rest again.
         try:

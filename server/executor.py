@@ -53,9 +53,9 @@ from .backends import Backend, BackendError
 from .backends.base import BulkGenerate, PortableGenerate, RawGenerate
 from .config import ExecutorSettings
 from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
+from .events import BatchEvent, BatchEvents, announce
 from .ingest import IngestFailed
 from .metrics import Metrics, ModelLoad
-from .notifier import Notifier
 from .outputs import Outputs
 from .retry import Backoff
 from .scheduler import FairScheduler
@@ -173,7 +173,7 @@ class Executor:
         models: Mapping[str, ModelRuntime],
         settings: ExecutorSettings,
         outputs: Outputs,
-        notifier: Notifier,
+        events: BatchEvents,
         batch_ttl_s: float,
         read_input: Callable[[Batch], Awaitable[int]] | None = None,
         workers: WorkerPool | None = None,
@@ -193,7 +193,7 @@ class Executor:
         self._models = models
         self._settings = settings
         self._outputs = outputs
-        self._notifier = notifier
+        self._events = events  # gets `done` for every batch this executor finishes
         self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
         self._queues = {name: _ModelQueue(m.max_concurrency, m.chunk, tenant_weights or {})
                         for name, m in models.items()}
@@ -775,7 +775,8 @@ class Executor:
             final = await self._store.mark_done(batch_id, output_file)
         if final is not None:
             self._progress.update(final)  # counted before any waiter hears that it is done
-        self._notifier.done(batch_id)
+        # Wakes the waiters of every replica; a failure is logged, not raised: the batch is done.
+        await announce(self._events, BatchEvent.done(batch_id))
         if final is not None:
             log.info("%s %s: %d ok, %d failed, %d cancelled, %d expired", final.name, final.state.name,
                      final.succeeded, final.failed, final.cancelled, final.expired)

@@ -1,9 +1,16 @@
-"""In-process wake-ups for WaitOperation: event driven, no polling."""
+"""In-process wake-ups for WaitOperation: event driven, no polling.
+
+Fed by the event bus (``events.BatchEvents``): the executor publishes
+``done`` there, and ``on_event``, subscribed at startup, wakes the waiters;
+so a batch finished by any replica wakes the waiters of every one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+
+from .events import BatchEvent, EventKind
 
 
 class Notifier:
@@ -35,3 +42,8 @@ class Notifier:
         for fut in self._waiters.pop(batch_id, ()):
             if not fut.done():
                 fut.set_result(None)
+
+    def on_event(self, event: BatchEvent) -> None:
+        """The bus's handler: a ``done`` event wakes the batch's waiters."""
+        if event.kind is EventKind.DONE:
+            self.done(event.batch_id)
