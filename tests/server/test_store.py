@@ -182,12 +182,21 @@ async def test_a_done_batch_reads_as_it_is_after_rename_delete_and_purge(store: 
     assert await store.get_batch("t", "g1") is None and await store.get_batch(None, "g3") is None
 
 
+async def test_only_sqlite_hands_ranges_and_result_reading_to_worker_processes(store: Store) -> None:
+    """Worker processes open SQLite's file themselves; on PostgreSQL the
+    executor runs ranges and reads results in the server (None is allowed)."""
+    batch, _ = await store.create_batch(new_batch("w1"), items(3), DAY_US)
+    expected = isinstance(store, SQLiteStore)
+    assert (store.range_runner(batch) is not None) is expected
+    assert (store.result_reader(batch) is not None) is expected
+
+
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)
 async def test_a_range_runner_answers_pending_requests_once_from_another_process(store: Store) -> None:
     batch, _ = await store.create_batch(new_batch("r1"), items(10), DAY_US)
     await store.record_results("r1", ItemStatus.SUCCEEDED, [2, 3], [b"earlier", b"earlier"])
     runner = store.range_runner(batch)
-    if runner is None:  # allowed: the executor then runs ranges itself
-        pytest.skip(f"{type(store).__name__} runs no ranges in worker processes")
+    assert runner is not None
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         run = functools.partial(asyncio.get_running_loop().run_in_executor, pool, runner)
         done = await run(0, 5, upper)  # 0, 1 and 4: 2 and 3 keep their results
