@@ -141,7 +141,7 @@ async def _assemble(
     metrics = Metrics(batch_counts=store.count_batches_by_state)
     notifier = Notifier()
     events = LocalEvents()  # one replica: in process
-    events.subscribe(notifier.on_event)
+    events.subscribe(notifier.on_event, notifier.on_resync)
     workers = WorkerPool(config.workers)
     outputs = Outputs(store, files, config.limits.max_inline_output, workers=workers)
     runtimes = {

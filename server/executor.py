@@ -53,7 +53,7 @@ from .backends import Backend, BackendError
 from .backends.base import BulkGenerate, PortableGenerate, RawGenerate
 from .config import ExecutorSettings
 from .domain import Batch, BatchKind, ItemStatus, Outcome, PendingItem, State, now_us
-from .events import BatchEvent, BatchEvents, announce
+from .events import BatchEvent, BatchEvents, EventKind, Unsubscribe, announce
 from .ingest import IngestFailed
 from .metrics import Metrics, ModelLoad
 from .outputs import Outputs
@@ -193,7 +193,11 @@ class Executor:
         self._models = models
         self._settings = settings
         self._outputs = outputs
-        self._events = events  # gets `done` for every batch this executor finishes
+        # Gets `done` for every batch this executor finishes, `cancel` and
+        # `priority` for the changes made through it; from `start` on, its
+        # `cancel` and `priority` events (any replica's) act here.
+        self._events = events
+        self._unsubscribe: Unsubscribe | None = None
         self._batch_ttl_us = int(batch_ttl_s * 1_000_000)
         self._queues = {name: _ModelQueue(m.max_concurrency, m.chunk, tenant_weights or {})
                         for name, m in models.items()}
@@ -234,7 +238,12 @@ class Executor:
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Resume unfinished batches and start the workers."""
+        """Resume unfinished batches, start the workers, and act on the
+        ``cancel`` and ``priority`` events of every replica."""
+        # Before reading what to resume, so a cancel committed after that
+        # read is heard: scheduling the read batches takes no await, so its
+        # event arrives once they are scheduled, and stops the one it names.
+        self._unsubscribe = self._events.subscribe(self._on_event, self._on_resync)
         cutoff = now_us() - self._batch_ttl_us
         for batch in await self._store.unfinished_batches():
             self._progress.track(batch)  # what it has finished counted before this start
@@ -260,6 +269,8 @@ class Executor:
         if self._stopping:
             return
         self._stopping = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
         for q in self._queues.values():
             q.wakeup.set()
         for gate in self._gates.values():
@@ -358,17 +369,83 @@ class Executor:
             await self.finish(batch.id, State.FAILED, _INTERNAL_INPUT)
             return
         self._ingests.pop(batch.id, None)
-        if ready is not None and not ready.done:
+        # Not once closed: another replica cancelled it while this one read
+        # its input (here, a cancel stops the ingest before closing it).
+        if ready is not None and not ready.closed:
             log.info("%s: %d requests read from files/%s", batch.name, count, batch.input_file)
             self.submit(ready)
 
     def reprioritize(self, batch_id: str, priority: int) -> None:
         """Apply a new priority to the requests not yet started (it orders
-        them among their tenant's batches only)."""
+        them among their tenant's batches only). Idempotent; a batch not
+        running here is left alone."""
         entry = self._runs.get(batch_id)
         if entry:
             entry[0].priority = priority
             entry[1].reorder(entry[0])
+
+    async def priority_changed(self, batch_id: str, priority: int) -> None:
+        """A priority change is in the store: apply it here now, and tell
+        every replica (a failure to is logged: the change is committed).
+
+        Applied here directly, not only through the event, so the next
+        request this replica dispatches already follows it; the event's
+        arrival here then reorders again, a no-op.
+        """
+        self.reprioritize(batch_id, priority)
+        await announce(self._events, BatchEvent.priority_changed(batch_id, priority))
+
+    # -- events from every replica ------------------------------------------------
+
+    def _on_event(self, event: BatchEvent) -> None:
+        """The bus's handler (on the loop, never inside a publish)."""
+        if event.kind is EventKind.CANCEL:
+            self._stop_work(event.batch_id)
+        elif event.kind is EventKind.PRIORITY:
+            assert event.priority is not None  # BatchEvent guarantees it
+            self.reprioritize(event.batch_id, event.priority)
+
+    def _stop_work(self, batch_id: str) -> None:
+        """Stop running a batch that is closed in the store (by any
+        replica): nothing more of it is dispatched here, and its ingest is
+        stopped. Requests already in a backend's hands finish, and the store
+        refuses their results (a closed batch takes none).
+
+        Idempotent: after this replica's own ``_close`` there is nothing
+        left to stop. Not under the batch's lock: the replica that closed
+        it completes it, and a lock here would queue behind that.
+        """
+        self._unschedule(batch_id)
+        ingest = self._ingests.pop(batch_id, None)
+        if ingest is not None:
+            ingest.cancel()
+            self._spawn(self._after_ingest_stopped(batch_id, ingest))
+
+    async def _after_ingest_stopped(self, batch_id: str, ingest: asyncio.Task[None]) -> None:
+        await asyncio.gather(ingest, return_exceptions=True)
+        try:
+            await self._store.reset_ingest(batch_id)  # its half-read requests (a closed batch keeps none)
+        except Exception:
+            log.exception("dropping the half-read input of batches/%s failed", batch_id)
+
+    def _on_resync(self) -> None:
+        """Events may have been missed: re-read every batch running here."""
+        if not self._stopping:
+            self._spawn(self._resync())
+
+    async def _resync(self) -> None:
+        for batch_id in [*self._runs, *self._ingests]:
+            try:
+                batch = await self._store.get_batch(None, batch_id)
+            except Exception:
+                log.exception("re-reading batches/%s after missed events failed", batch_id)
+                continue
+            if batch is None or batch.closed:
+                self._stop_work(batch_id)
+            else:
+                entry = self._runs.get(batch_id)
+                if entry is not None and entry[0].priority != batch.priority:
+                    self.reprioritize(batch_id, batch.priority)
 
     def _unschedule(self, batch_id: str) -> None:
         entry = self._runs.pop(batch_id, None)
@@ -715,10 +792,20 @@ class Executor:
         Returns once the batch is done, or after at most ``_CANCEL_WAIT_S``
         with the batch closed (nothing more runs) while a large output is
         still being written in the background.
+
+        Its work here stops before the close is committed (``_close``), so
+        no request of it is dispatched here afterwards; once committed, a
+        ``cancel`` event tells every replica to stop theirs (arriving here,
+        it finds nothing left: a no-op). Sent before the output is written,
+        so the other replicas stop within moments whatever the output's size.
         """
         closed = await self._close(batch_id, State.CANCELLED, _CANCELLED_BATCH)
         if closed is None or closed.done:
             return closed
+        # A failure is logged, not raised: the cancel is committed, and a
+        # replica that missed it stops on its resync (or its results are
+        # refused by the store meanwhile).
+        await announce(self._events, BatchEvent.cancel(batch_id))
         task = asyncio.create_task(self._complete(batch_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)

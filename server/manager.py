@@ -188,11 +188,16 @@ class BatchManager:
         if updated is None:
             raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
         if priority is not None:
-            self._executor.reprioritize(batch_id, priority)
+            # Committed: reorder here at once, and have every replica do so.
+            await self._executor.priority_changed(batch_id, priority)
         return await self.view(updated)
 
     async def cancel(self, tenant: str, batch_id: str) -> None:
-        """Cancel a batch that is not done; no-op on a done one."""
+        """Cancel a batch that is not done; no-op on a done one.
+
+        Returns once the cancel is recorded (``Executor.cancel``: its work
+        here stopped, every replica told to stop theirs).
+        """
         batch = await self.get_batch(tenant, batch_id)
         if not batch.done:
             await self._executor.cancel(batch_id)
@@ -211,18 +216,29 @@ class BatchManager:
             self._files.delete(file_id)
 
     async def wait(self, tenant: str, batch_id: str, timeout_s: float) -> BatchView:
-        """Return once the batch is done or ``timeout_s`` has passed."""
-        waiter = self._notifier.subscribe(batch_id)
-        try:
-            batch = await self.get_batch(tenant, batch_id)
-            if not batch.done and timeout_s > 0:
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
-                except TimeoutError:
-                    pass
+        """Return once the batch is done or ``timeout_s`` has passed.
+
+        A wake-up only says "read it again": one that finds the batch not
+        done (a resync after a reconnect wakes every waiter, say) goes back
+        to waiting for the rest of ``timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            # Subscribed before each read, so a completion between the read
+            # and the wait is not missed (a wake-up consumes the subscription).
+            waiter = self._notifier.subscribe(batch_id)
+            try:
                 batch = await self.get_batch(tenant, batch_id)
-        finally:
-            self._notifier.unsubscribe(batch_id, waiter)
+                left = deadline - loop.time()
+                if batch.done or left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), left)
+                except TimeoutError:
+                    pass  # read once more: it may have become done just now
+            finally:
+                self._notifier.unsubscribe(batch_id, waiter)
         return await self.view(batch)
 
     async def results(self, tenant: str, batch_id: str, start_index: int) -> tuple[Batch, AsyncIterator[ResultRow]]:

@@ -2,7 +2,10 @@
 
 Fed by the event bus (``events.BatchEvents``): the executor publishes
 ``done`` there, and ``on_event``, subscribed at startup, wakes the waiters;
-so a batch finished by any replica wakes the waiters of every one.
+so a batch finished by any replica wakes the waiters of every one. A wake-up
+is a hint to re-read the batch, never a verdict: after a resync (events may
+have been lost) ``on_resync`` wakes every waiter, and a waiter that finds its
+batch not done yet subscribes again (``BatchManager.wait``).
 """
 
 from __future__ import annotations
@@ -37,11 +40,28 @@ class Notifier:
             if not waiters:
                 del self._waiters[batch_id]
 
+    def waiting(self, batch_id: str) -> int:
+        """How many subscriptions wait on ``batch_id`` now (diagnostics, tests)."""
+        return len(self._waiters.get(batch_id, ()))
+
     def done(self, batch_id: str) -> None:
         """Wake everyone waiting on ``batch_id``."""
         for fut in self._waiters.pop(batch_id, ()):
             if not fut.done():
                 fut.set_result(None)
+
+    def wake_all(self) -> None:
+        """Wake every waiter of every batch, so each re-reads its batch."""
+        waiters, self._waiters = self._waiters, defaultdict(set)
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def on_resync(self) -> None:
+        """The bus's resync handler: ``done`` events may have been missed
+        (a listener reconnected), so every waiter re-reads its batch."""
+        self.wake_all()
 
     def on_event(self, event: BatchEvent) -> None:
         """The bus's handler: a ``done`` event wakes the batch's waiters."""

@@ -166,3 +166,15 @@ async def test_notifier_is_woken_by_done_events_only() -> None:
     assert not other.done()
     notifier.unsubscribe("b2", other)
     await bus.close()
+
+
+async def test_notifier_resync_wakes_every_waiter() -> None:
+    bus = LocalEvents()
+    notifier = Notifier()
+    bus.subscribe(notifier.on_event, notifier.on_resync)
+    waiters = [notifier.subscribe("b1"), notifier.subscribe("b1"), notifier.subscribe("b2")]
+    assert (notifier.waiting("b1"), notifier.waiting("b2")) == (2, 1)
+    notifier.on_resync()
+    await asyncio.wait_for(asyncio.gather(*(asyncio.shield(w) for w in waiters)), 1.0)
+    assert (notifier.waiting("b1"), notifier.waiting("b2")) == (0, 0)
+    await bus.close()
