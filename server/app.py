@@ -25,7 +25,7 @@ from .edge import Authenticator, EdgeRegistrar
 from .events import BatchEvents, LocalEvents
 from .executor import Executor, ModelRuntime
 from .file_manager import FileExpiry, FileManager
-from .files import FileStorage
+from .files import DiskFileBytes
 from .ingest import ingest
 from .manager import BatchManager
 from .metrics import Metrics
@@ -136,7 +136,7 @@ async def _assemble(
     config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int, tls: CertificateReloader | None,
     http_port: int | None,
 ) -> Running:
-    files = FileStorage(data_dir / "files")
+    files = DiskFileBytes(data_dir / "files")
     files.prepare()
     metrics = Metrics(batch_counts=store.count_batches_by_state)
     notifier = Notifier()
@@ -155,8 +155,10 @@ async def _assemble(
 
     async def read_input(batch: Batch) -> int:
         assert batch.input_file is not None
-        return await ingest(batch, files.path(batch.input_file), config.limits,
-                            quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)), workers)
+        async with files.local_path(batch.input_file) as path:
+            return await ingest(batch, path, config.limits,
+                                quotas.ingest_append(batch, functools.partial(store.append_requests, batch.id)),
+                                workers)
 
     executor = Executor(store, runtimes, config.executor, outputs, events, config.limits.batch_ttl_s, read_input,
                         workers, tenant_weights={t.name: t.weight for t in config.tenants}, metrics=metrics)

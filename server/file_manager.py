@@ -5,10 +5,11 @@ manager with plain values and async iterators of bytes, and converts what
 comes back; the rules of uploads, downloads, listing, deletion and expiry
 live here once.
 
-Bytes stream straight to disk through ``FileStorage.create`` (temp file, then
-rename), with size and SHA-256 computed on the way in; the store row is
-written only once the bytes are in place, so a file is either complete and
-listed or absent. Blocking disk work runs in threads, one batch of about a
+Bytes stream straight to a local temporary through ``FileBytes.create``, with
+size and SHA-256 computed on the way in, and are committed whole (renamed
+into place on disk, copied into the database with PostgreSQL); the store row
+is written only once the bytes are in place, so a file is either complete
+and listed or absent. Blocking disk work runs in threads, one batch of about a
 MiB at a time, so that a 2 GiB upload never stalls the event loop.
 """
 
@@ -19,14 +20,13 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import IO
 
 from longbatch.client.units import format_bytes
 
 from .config import Limits
 from .domain import StoredFile, now_us
 from .errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from .files import FileStorage, new_id
+from .files import ByteSource, FileBytes, new_id
 from .ingest import SMALL_FILE_BYTES
 from .leases import held, lease_owner
 from .paging import PageTokens, read_page_request
@@ -72,14 +72,14 @@ class Download:
     whether or not ``chunks`` ran to the end.
     """
 
-    def __init__(self, file: StoredFile, source: IO[bytes]) -> None:
+    def __init__(self, file: StoredFile, source: ByteSource) -> None:
         self.file = file
         """The file's metadata (``size_bytes`` for a Content-Length, say)."""
         self._source = source
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
-        """The bytes, ``size`` at most per chunk, read in a thread."""
-        while chunk := await asyncio.to_thread(self._source.read, size):
+        """The bytes, ``size`` at most per chunk."""
+        async for chunk in self._source.chunks(size):
             yield chunk
 
     def close(self) -> None:
@@ -91,7 +91,7 @@ class FileManager:
     """Creates, reads, lists and deletes one tenant's files at a time."""
 
     def __init__(
-        self, store: Store, storage: FileStorage, limits: Limits, page_tokens: PageTokens,
+        self, store: Store, storage: FileBytes, limits: Limits, page_tokens: PageTokens,
         on_large_upload: Callable[[], None] | None = None, quotas: Quotas | None = None,
     ) -> None:
         self._store = store
@@ -178,7 +178,7 @@ class FileManager:
             # over it, the bytes just renamed into place go again below.
             await (upload.add_file(stored) if upload is not None else self._store.add_file(stored))
         except BaseException:
-            await asyncio.to_thread(self._storage.delete, stored.id)
+            await self._storage.remove([stored.id])
             raise
 
     async def _undo(self, commit: asyncio.Future[None], stored: StoredFile) -> None:
@@ -188,7 +188,7 @@ class FileManager:
             return  # nothing was kept
         try:
             await self._store.delete_file(stored.tenant, stored.id)
-            await asyncio.to_thread(self._storage.delete, stored.id)
+            await self._storage.remove([stored.id])
         except Exception:
             log.exception("could not remove files/%s after its upload was cancelled", stored.id)
 
@@ -225,13 +225,13 @@ class FileManager:
             ) from None
         if not deleted:
             raise file_not_found(file_id)
-        await asyncio.to_thread(self._storage.delete, file_id)
+        await self._storage.remove([file_id])
 
     async def open_download(self, tenant: str, file_id: str) -> Download:
         """Open the tenant's file for reading, or NotFound; the caller closes it."""
         stored = await self.get(tenant, file_id)
         try:
-            source: IO[bytes] = await asyncio.to_thread(self._storage.path(file_id).open, "rb")
+            source = await self._storage.open(file_id)
         except FileNotFoundError:
             # Deleted (or expired) between the lookup and the open.
             raise file_not_found(file_id) from None
@@ -248,9 +248,10 @@ class _Spool:
     """An upload being written: chunks are gathered into batches of about a
     MiB and written (and hashed) in a thread while the next ones arrive."""
 
-    def __init__(self, storage: FileStorage, file_id: str) -> None:
+    def __init__(self, storage: FileBytes, file_id: str) -> None:
         # Opening a new file is one cheap syscall; doing it here rather than in
         # a thread means a cancellation can never strand a temp file.
+        self._storage = storage
         self._out = storage.create(file_id)
         self._chunks: list[bytes] = []
         self._buffered = 0
@@ -261,7 +262,7 @@ class _Spool:
 
     @property
     def size(self) -> int:
-        """Bytes written to disk so far."""
+        """Bytes written to the temporary so far."""
         return self._out.size
 
     @property
@@ -295,9 +296,9 @@ class _Spool:
         await self._flush()
 
     async def commit(self) -> None:
-        """fsync and rename into place (in a thread: fsync can take a while)."""
+        """Hand the complete temporary to the file bytes (``FileBytes.commit``)."""
         self._closed = True
-        await asyncio.to_thread(self._out.commit)
+        await self._storage.commit(self._out)
 
     def discard(self) -> None:
         """Drop the temp file; safe to call more than once."""
@@ -328,7 +329,7 @@ class FileExpiry:
     LEASE = "file-expiry"
     """The lease a sweep runs under (``store.LeaseStore``)."""
 
-    def __init__(self, store: Store, storage: FileStorage, file_ttl_s: float, lease_ttl_s: float = 60.0) -> None:
+    def __init__(self, store: Store, storage: FileBytes, file_ttl_s: float, lease_ttl_s: float = 60.0) -> None:
         self._store = store
         self._storage = storage
         self.interval_s = max(0.05, min(60.0, file_ttl_s / 20))
@@ -377,7 +378,7 @@ class FileExpiry:
                     log.warning("file expiry lease lost mid-sweep; another replica goes on")
                     break
                 # After the row, as in retention: never a listed file without bytes.
-                await asyncio.to_thread(self._storage.delete, f.id)
+                await self._storage.remove([f.id])
                 deleted += 1
         if deleted:
             log.info("deleted %d expired file(s)", deleted)

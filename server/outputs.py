@@ -28,7 +28,7 @@ import orjson
 
 from . import convert, jsonout
 from .domain import Batch, BatchKind, ItemStatus, ResultRow, State, StoredFile, now_us
-from .files import FileStorage, HashingWriter, NewFile, new_id
+from .files import FileBytes, HashingWriter, NewFile, new_id
 from .store import ResultReader, Store
 from .workers import WorkerPool
 
@@ -76,7 +76,7 @@ async def result_rows(store: Store, batch: Batch, start_idx: int = 0) -> AsyncGe
 class Outputs:
     """Builds, stores and caches batch outputs."""
 
-    def __init__(self, store: Store, files: FileStorage, max_inline_output: int, cache_bytes: int = 64 << 20,
+    def __init__(self, store: Store, files: FileBytes, max_inline_output: int, cache_bytes: int = 64 << 20,
                  workers: WorkerPool | None = None) -> None:
         self._store = store
         self._files = files
@@ -209,7 +209,7 @@ class Outputs:
                 await asyncio.to_thread(out.write, render_lines(batch.kind.value, page))
             else:
                 await self._render_in(pool, reader, batch, out, start)
-            await asyncio.to_thread(out.commit)
+            await self._files.commit(out)
         except BaseException:
             out.abort()
             raise

@@ -181,6 +181,27 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE webhook_deliveries ADD COLUMN claim bigint NOT NULL DEFAULT 0;
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_until bigint NOT NULL DEFAULT 0;
     """,
+    # v4: file bytes in ~1 MiB chunks (pg_file_bytes.PgFileBytes), so that
+    # replicas need no shared disk. No foreign key to files: bytes are
+    # committed before their row is added (as on disk). The trigger deletes
+    # them in the transaction that deletes the row, however it is deleted
+    # (a delete, expiry, retention); bytes whose row never came are removed
+    # by PgFileBytes.remove.
+    """
+    CREATE TABLE file_bytes (
+        file_id text NOT NULL,
+        seq integer NOT NULL,                -- 0, 1, ...; a file has at least one chunk (0 bytes: one empty)
+        data bytea NOT NULL,
+        PRIMARY KEY (file_id, seq)
+    );
+    CREATE FUNCTION delete_file_bytes() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        DELETE FROM file_bytes WHERE file_id = OLD.id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER files_delete_bytes AFTER DELETE ON files
+        FOR EACH ROW EXECUTE FUNCTION delete_file_bytes();
+    """,
 )
 
 # Taken around migrations (session level) so that replicas opening one empty
@@ -530,6 +551,12 @@ class PostgresStore:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The open pool, for seams that share this store's connections
+        (``PgFileBytes``); RuntimeError when the store is not open."""
+        return self._p
 
     @property
     def _p(self) -> asyncpg.Pool:

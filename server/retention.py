@@ -23,7 +23,7 @@ import asyncio
 import logging
 
 from .domain import now_us
-from .files import FileStorage
+from .files import FileBytes
 from .leases import held, lease_owner
 from .outputs import Outputs
 from .store import LeaseLost, Store
@@ -47,7 +47,7 @@ class RetentionPurge:
     def __init__(
         self,
         store: Store,
-        storage: FileStorage,
+        storage: FileBytes,
         outputs: Outputs,
         retention_s: float,
         max_batches: int = 500,
@@ -119,7 +119,7 @@ class RetentionPurge:
                 # Bytes go only once their rows are gone: a crash in between
                 # leaves an unlisted file on disk, never a listed file without bytes.
                 if step.file_ids:
-                    await asyncio.to_thread(self._delete_files, step.file_ids)
+                    await self._storage.remove(step.file_ids)
                 for batch_id in step.batch_ids:
                     self._outputs.forget(batch_id)
                 purged += len(step.batch_ids)
@@ -147,7 +147,3 @@ class RetentionPurge:
         if deleted:
             log.info("deleted %d webhook deliveries of batches deleted before", deleted)
         return deleted
-
-    def _delete_files(self, file_ids: list[str]) -> None:
-        for file_id in file_ids:
-            self._storage.delete(file_id)

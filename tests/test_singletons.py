@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ class Overlap:
 
 
 class Forgets:
-    """Outputs and FileStorage as retention and expiry use them: what they were told to forget."""
+    """Outputs and FileBytes as retention and expiry use them: what they were told to forget."""
 
     def __init__(self) -> None:
         self.ids: list[str] = []
@@ -80,8 +80,8 @@ class Forgets:
     def forget(self, batch_id: str) -> None:
         self.ids.append(batch_id)
 
-    def delete(self, file_id: str) -> None:
-        self.ids.append(file_id)
+    async def remove(self, file_ids: Iterable[str]) -> None:
+        self.ids.extend(file_ids)
 
 
 async def done_batches(store: Store, count: int, requests: int) -> None:
