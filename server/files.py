@@ -156,9 +156,6 @@ class DiskFileBytes:
         self.path(file_id).unlink(missing_ok=True)
 
 
-FileStorage = DiskFileBytes
-"""The former name, still used by callers not yet on the ``FileBytes`` seam."""
-
 
 class _FileSource:
     """An open local file, read in a thread a chunk at a time."""

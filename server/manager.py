@@ -14,7 +14,7 @@ from .config import Limits, ModelConfig
 from .domain import Batch, BatchKind, NewBatch, ResultRow, now_us
 from .errors import FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from .executor import Executor
-from .files import FileStorage, new_id
+from .files import FileBytes, new_id
 from .filters import BATCH_FILTER_FIELDS, Compare, FilterError, compile_filter
 from .notifier import Notifier
 from .outputs import Outputs
@@ -46,7 +46,7 @@ class BatchManager:
         executor: Executor,
         outputs: Outputs,
         notifier: Notifier,
-        files: FileStorage,
+        files: FileBytes,
         models: Mapping[str, ModelConfig],
         limits: Limits,
         page_tokens: PageTokens,
@@ -212,8 +212,7 @@ class BatchManager:
         if file_ids is None:
             raise NotFound(f"batches/{batch_id} not found", reason="BATCH_NOT_FOUND")
         self._outputs.forget(batch_id)
-        for file_id in file_ids:
-            self._files.delete(file_id)
+        await self._files.remove(file_ids)
 
     async def wait(self, tenant: str, batch_id: str, timeout_s: float) -> BatchView:
         """Return once the batch is done or ``timeout_s`` has passed.

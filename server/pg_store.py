@@ -1014,7 +1014,7 @@ class PostgresStore:
         return None
 
     # -- files ------------------------------------------------------------------------
-    # Metadata only: the bytes are in the data dir (FileStorage) for now.
+    # Metadata only: the bytes are FileBytes' (on disk, or PgFileBytes' chunks).
 
     async def add_file(self, file: StoredFile, limits: UsageLimits | None = None) -> None:
         """Insert a file row (its seq is assigned here), within ``limits``

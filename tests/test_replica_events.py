@@ -26,7 +26,7 @@ from longbatch.server.config import ExecutorSettings, Limits
 from longbatch.server.domain import Batch, BatchKind, NewBatch, NewItem, State
 from longbatch.server.events import BatchEvent, BatchEvents, EventKind, LocalEvents
 from longbatch.server.executor import Executor, ModelRuntime
-from longbatch.server.files import FileStorage
+from longbatch.server.files import DiskFileBytes
 from longbatch.server.manager import BatchManager
 from longbatch.server.notifier import Notifier
 from longbatch.server.outputs import Outputs
@@ -94,7 +94,7 @@ async def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncItera
                 store, bus = PostgresStore(url), PgEvents(url)
             await store.open()
             cleanup.append(store.close)
-            files = FileStorage(tmp_path / f"files-{name}")
+            files = DiskFileBytes(tmp_path / f"files-{name}")
             files.prepare()
             outputs = Outputs(store, files, 1 << 20)
             cleanup.append(outputs.close)

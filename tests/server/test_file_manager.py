@@ -14,7 +14,7 @@ from longbatch.server.config import Limits, QuotaSettings, TenantQuota
 from longbatch.server.domain import BatchKind, NewBatch
 from longbatch.server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from longbatch.server.file_manager import FileExpiry, FileManager
-from longbatch.server.files import FileStorage
+from longbatch.server.files import DiskFileBytes
 from longbatch.server.paging import PageTokens
 from longbatch.server.quotas import Quotas
 from longbatch.server.sqlite_store import SQLiteStore
@@ -29,13 +29,13 @@ async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> FileStorage:
-    files = FileStorage(tmp_path / "files")
+def storage(tmp_path: Path) -> DiskFileBytes:
+    files = DiskFileBytes(tmp_path / "files")
     files.prepare()
     return files
 
 
-def _manager(store: SQLiteStore, storage: FileStorage, quotas: Quotas | None = None, **limits: int) -> FileManager:
+def _manager(store: SQLiteStore, storage: DiskFileBytes, quotas: Quotas | None = None, **limits: int) -> FileManager:
     return FileManager(store, storage, Limits(**limits), PageTokens(b"k" * 32), quotas=quotas)
 
 
@@ -44,13 +44,13 @@ async def _chunks(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
         yield part
 
 
-def _on_disk(storage: FileStorage, tmp_path: Path) -> list[str]:
+def _on_disk(storage: DiskFileBytes, tmp_path: Path) -> list[str]:
     """Every file under the storage root, temporaries included."""
     return sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "files").rglob("*") if p.is_file())
 
 
 async def test_an_upload_from_byte_chunks_is_stored_listed_and_downloadable(
-    store: SQLiteStore, storage: FileStorage, tmp_path: Path
+    store: SQLiteStore, storage: DiskFileBytes, tmp_path: Path
 ) -> None:
     files = _manager(store, storage)
     parts = [b"a" * 700_000, b"b" * 700_000, b"c"]  # across a write batch of a MiB
@@ -71,7 +71,7 @@ async def test_an_upload_from_byte_chunks_is_stored_listed_and_downloadable(
     assert _on_disk(storage, tmp_path) == [f"files/{stored.id}"]
 
 
-async def test_over_the_size_limit_leaves_nothing(store: SQLiteStore, storage: FileStorage, tmp_path: Path) -> None:
+async def test_over_the_size_limit_leaves_nothing(store: SQLiteStore, storage: DiskFileBytes, tmp_path: Path) -> None:
     files = _manager(store, storage, max_file_bytes=10)
     with pytest.raises(ResourceExhausted) as e:
         await files.create("t", "", "", _chunks([b"12345", b"678901"]))
@@ -82,7 +82,7 @@ async def test_over_the_size_limit_leaves_nothing(store: SQLiteStore, storage: F
 
 
 async def test_a_failing_byte_stream_propagates_and_leaves_nothing(
-    store: SQLiteStore, storage: FileStorage, tmp_path: Path
+    store: SQLiteStore, storage: DiskFileBytes, tmp_path: Path
 ) -> None:
     async def cut() -> AsyncIterator[bytes]:
         yield b"x" * (2 << 20)
@@ -94,7 +94,7 @@ async def test_a_failing_byte_stream_propagates_and_leaves_nothing(
     assert _on_disk(storage, tmp_path) == []
 
 
-async def test_an_empty_upload_and_bad_metadata_are_invalid(store: SQLiteStore, storage: FileStorage) -> None:
+async def test_an_empty_upload_and_bad_metadata_are_invalid(store: SQLiteStore, storage: DiskFileBytes) -> None:
     files = _manager(store, storage)
     with pytest.raises(InvalidArgument) as e:
         await files.create("t", "", "", _chunks([]))
@@ -106,7 +106,7 @@ async def test_an_empty_upload_and_bad_metadata_are_invalid(store: SQLiteStore, 
 
 
 async def test_the_byte_quota_refuses_midway_and_leaves_nothing(
-    store: SQLiteStore, storage: FileStorage, tmp_path: Path
+    store: SQLiteStore, storage: DiskFileBytes, tmp_path: Path
 ) -> None:
     quotas = Quotas(QuotaSettings(defaults=TenantQuota(max_stored_bytes=100)), store, open_server=False)
     files = _manager(store, storage, quotas=quotas)
@@ -118,7 +118,7 @@ async def test_the_byte_quota_refuses_midway_and_leaves_nothing(
     assert (await files.create("t", "", "", _chunks([b"a" * 100]))).size_bytes == 100
 
 
-async def test_another_tenants_file_is_not_found_even_while_in_use(store: SQLiteStore, storage: FileStorage) -> None:
+async def test_another_tenants_file_is_not_found_even_while_in_use(store: SQLiteStore, storage: DiskFileBytes) -> None:
     files = _manager(store, storage)
     stored = await files.create("alice", "", "", _chunks([b"{}\n"]))
     for call in (files.get("bob", stored.id), files.delete("bob", stored.id), files.open_download("bob", stored.id)):
@@ -138,7 +138,7 @@ async def test_another_tenants_file_is_not_found_even_while_in_use(store: SQLite
     assert (await files.get("alice", stored.id)).id == stored.id
 
 
-async def test_delete_removes_row_and_bytes(store: SQLiteStore, storage: FileStorage, tmp_path: Path) -> None:
+async def test_delete_removes_row_and_bytes(store: SQLiteStore, storage: DiskFileBytes, tmp_path: Path) -> None:
     files = _manager(store, storage)
     stored = await files.create("t", "", "", _chunks([b"{}\n"]))
     await files.delete("t", stored.id)
@@ -149,7 +149,7 @@ async def test_delete_removes_row_and_bytes(store: SQLiteStore, storage: FileSto
     assert _on_disk(storage, tmp_path) == []
 
 
-async def test_list_pages_newest_first_and_tokens_are_per_tenant(store: SQLiteStore, storage: FileStorage) -> None:
+async def test_list_pages_newest_first_and_tokens_are_per_tenant(store: SQLiteStore, storage: DiskFileBytes) -> None:
     files = _manager(store, storage)
     ids = [(await files.create("t", str(i), "", _chunks([b"x"]))).id for i in range(5)]
     first, token = await files.list("t", 2, "")
@@ -161,7 +161,7 @@ async def test_list_pages_newest_first_and_tokens_are_per_tenant(store: SQLiteSt
 
 
 async def test_expiry_deletes_expired_files_with_their_bytes(
-    store: SQLiteStore, storage: FileStorage, tmp_path: Path
+    store: SQLiteStore, storage: DiskFileBytes, tmp_path: Path
 ) -> None:
     files = FileManager(store, storage, Limits(file_ttl_s=0.0), PageTokens(b"k" * 32))
     stored = await files.create("t", "", "", _chunks([b"x"]))

@@ -14,7 +14,7 @@ from google.rpc import code_pb2, status_pb2
 
 from longbatch.server.config import ConfigError, config_from_dict
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, Outcome, State
-from longbatch.server.files import FileStorage
+from longbatch.server.files import DiskFileBytes
 from longbatch.server.outputs import _POOL_MIN, _RENDER_PAGE, Outputs
 from longbatch.server.sqlite_store import SQLiteStore
 from longbatch.server.workers import WorkerPool
@@ -62,7 +62,7 @@ async def test_worker_rendered_file_equals_in_process_file(store: SQLiteStore, t
     batch_id = await _cancelled_batch(store)
     batch = await store.get_batch(None, batch_id)
     assert batch is not None and batch.closed
-    files = FileStorage(tmp_path / "files")
+    files = DiskFileBytes(tmp_path / "files")
     files.prepare()
     pool = WorkerPool(2)
     try:
@@ -102,7 +102,7 @@ async def test_a_file_drafted_while_the_batch_runs_equals_one_rendered_at_the_en
     early = 2 * _RENDER_PAGE
     await store.record_outcomes([Outcome("run", i, ItemStatus.SUCCEEDED, _response(i)) for i in range(early)]
                                 + [Outcome("run", i, ItemStatus.SUCCEEDED, _response(i)) for i in range(early, N, 2)])
-    files = FileStorage(tmp_path / "files")
+    files = DiskFileBytes(tmp_path / "files")
     files.prepare()
     pool = WorkerPool(2)
     outputs = Outputs(store, files, 1 << 20, workers=pool)
@@ -137,7 +137,7 @@ async def test_a_draft_is_dropped_with_its_bytes_when_the_batch_fails_or_the_ser
         await store.create_batch(NewBatch(
             id=batch_id, tenant="t", kind=BatchKind.GENERATE, model="models/echo", display_name="", priority=0,
             input_file="input", webhook=None, request_id=None), items, 0)
-    files = FileStorage(tmp_path / "files")
+    files = DiskFileBytes(tmp_path / "files")
     files.prepare()
     pool = WorkerPool(1)
     outputs = Outputs(store, files, 1 << 20, workers=pool)

@@ -16,7 +16,7 @@ from longbatch.server.config import Limits
 from longbatch.server.domain import BatchKind, ItemStatus, NewBatch, NewItem, State
 from longbatch.server.events import BatchEvent, LocalEvents
 from longbatch.server.executor import Executor
-from longbatch.server.files import FileStorage
+from longbatch.server.files import DiskFileBytes
 from longbatch.server.manager import BatchManager
 from longbatch.server.notifier import Notifier
 from longbatch.server.outputs import Outputs
@@ -48,7 +48,7 @@ class Parts:
 async def parts(tmp_path: Path) -> AsyncIterator[Parts]:
     store = SQLiteStore(tmp_path / "db.sqlite")
     await store.open()
-    files = FileStorage(tmp_path / "files")
+    files = DiskFileBytes(tmp_path / "files")
     files.prepare()
     notifier = Notifier()
     bus = LocalEvents()
