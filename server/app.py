@@ -25,13 +25,17 @@ from .edge import Authenticator, EdgeRegistrar
 from .events import BatchEvents, LocalEvents
 from .executor import Executor, ModelRuntime
 from .file_manager import FileExpiry, FileManager
-from .files import DiskFileBytes
+from .files import DiskFileBytes, FileBytes
 from .ingest import ingest
 from .manager import BatchManager
 from .metrics import Metrics
 from .notifier import Notifier
 from .outputs import Outputs
 from .paging import PageTokens
+from .pg_events import PgEvents
+from .pg_file_bytes import PgFileBytes
+from .pg_server_lock import ServerLock
+from .pg_store import PostgresStore
 from .quotas import Quotas
 from .reflection import enable_reflection
 from .rest.app import HttpSurface
@@ -42,6 +46,7 @@ from .services.models import ModelService
 from .services.operations import OperationsService
 from .services.quotas import QuotaService
 from .sqlite_store import SQLiteStore
+from .store import Store
 from .tls import CertificateReloader
 from .views import OperationViews
 from .webhooks import WebhookDispatcher
@@ -67,7 +72,7 @@ class Running:
     server: grpc.aio.Server
     health: health_aio.HealthServicer
     executor: Executor
-    store: SQLiteStore
+    store: Store
     grace_s: float
     file_expiry: FileExpiry | None = None
     webhooks: WebhookDispatcher | None = None
@@ -76,6 +81,7 @@ class Running:
     retention: RetentionPurge | None = None
     http: HttpSurface | None = None
     events: BatchEvents | None = None
+    server_lock: ServerLock | None = None
     _stopped: bool = False
 
     @property
@@ -108,12 +114,14 @@ class Running:
         if self.retention is not None:  # before the store closes: a purge step finishes first
             await self.retention.stop()
         await self.store.close()
+        if self.server_lock is not None:  # last: until the store is closed, this server still writes
+            await self.server_lock.release()
         log.info("longbatch stopped")
 
 
 async def start_server(
     config: ServerConfig, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
-    tls: CertificateReloader | None = None, http_port: int | None = None,
+    tls: CertificateReloader | None = None, http_port: int | None = None, database_url: str | None = None,
 ) -> Running:
     """Build every part, bind ``host:port`` (0 picks a free port) and start.
 
@@ -121,26 +129,58 @@ async def start_server(
     without, plaintext: ``longbatch serve`` decides which a host may have.
     With ``http_port`` (0 picks a free one) the REST API listens there too,
     on the same host and with the same TLS.
+
+    With ``database_url`` (``postgresql://…``) batches, files' bytes and
+    events live in that PostgreSQL database and ``data_dir`` holds only
+    scratch space; without, everything is in SQLite and files under
+    ``data_dir``. One server per database for now: a second is refused
+    (``pg_server_lock.DatabaseInUse``) until the executor leases its work.
+
+    Raises:
+        pg_store.DatabaseUnavailable: the database does not answer or refuses.
+        pg_server_lock.DatabaseInUse: another server uses the database.
     """
-    secure_data_dir(data_dir)  # before SQLite and the file storage create anything there
-    store = SQLiteStore(data_dir / DB_NAME)
-    await store.open()
+    # Before SQLite and the file storage create anything there (with PostgreSQL,
+    # the scratch space: data dir private, everything under it unreachable).
+    secure_data_dir(data_dir, sqlite=database_url is None)
+    if database_url is None:
+        store: Store = SQLiteStore(data_dir / DB_NAME)
+        await store.open()
+        try:
+            return await _assemble(config, store, DiskFileBytes(data_dir / "files"), LocalEvents(),
+                                   host, port, tls, http_port)
+        except BaseException:
+            await store.close()
+            raise
+    # The lock first: a refused second server must not even migrate the schema
+    # under the running one.
+    lock = ServerLock(database_url)
+    await lock.acquire()
     try:
-        return await _assemble(config, data_dir, store, host, port, tls, http_port)
+        pg = PostgresStore(database_url)
+        await pg.open()
+        try:
+            running = await _assemble(config, pg, PgFileBytes(pg, data_dir / "scratch"),
+                                      PgEvents(database_url, pool=pg.pool), host, port, tls, http_port)
+        except BaseException:
+            await pg.close()
+            raise
     except BaseException:
-        await store.close()
+        await lock.release()
         raise
+    running.server_lock = lock
+    return running
 
 
 async def _assemble(
-    config: ServerConfig, data_dir: Path, store: SQLiteStore, host: str, port: int, tls: CertificateReloader | None,
-    http_port: int | None,
+    config: ServerConfig, store: Store, files: FileBytes, events: BatchEvents, host: str, port: int,
+    tls: CertificateReloader | None, http_port: int | None,
 ) -> Running:
-    files = DiskFileBytes(data_dir / "files")
     files.prepare()
     metrics = Metrics(batch_counts=store.count_batches_by_state)
     notifier = Notifier()
-    events = LocalEvents()  # one replica: in process
+    # LocalEvents in process; PgEvents when the store is PostgreSQL (one
+    # server per database for now, but the bus is already the replicas' one).
     events.subscribe(notifier.on_event, notifier.on_resync)
     workers = WorkerPool(config.workers)
     outputs = Outputs(store, files, config.limits.max_inline_output, workers=workers)
@@ -209,8 +249,12 @@ async def _assemble(
                            observe=metrics.observe_http)
     await webhooks.start()
     await events.start()
-    await executor.start()
-    await server.start()
+    try:
+        await executor.start()
+        await server.start()
+    except BaseException:
+        await events.close()  # PgEvents holds a listener connection of its own
+        raise
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     file_expiry = FileExpiry(store, files, config.limits.file_ttl_s)

@@ -101,10 +101,13 @@ def _read_pid(fd: int) -> int | None:
     return None
 
 
-def secure_data_dir(data_dir: Path) -> list[str]:
+def secure_data_dir(data_dir: Path, *, sqlite: bool = True) -> list[str]:
     """Creates ``data_dir``, its ``files`` folders and an empty database file
     private to this user, before the store and the file storage open them;
     returns (and logs, as one warning) what already existed more open.
+    With ``sqlite=False`` (the store is PostgreSQL; the dir is scratch
+    space) only the dir itself is created: no empty database file that
+    would look like one holding data.
 
     The database is created here, 0600, rather than by SQLite, which would
     make it 0644 under the usual umask, and the -wal and -shm files with it.
@@ -115,10 +118,11 @@ def secure_data_dir(data_dir: Path) -> list[str]:
         OSError: the dir or the database file cannot be created.
     """
     data_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
-    for folder in (data_dir / "files", data_dir / "files" / ".tmp"):
-        folder.mkdir(mode=DIR_MODE, exist_ok=True)
-    # O_CREAT without O_TRUNC: an existing database is opened, not emptied.
-    os.close(os.open(data_dir / DB_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE))
+    if sqlite:
+        for folder in (data_dir / "files", data_dir / "files" / ".tmp"):
+            folder.mkdir(mode=DIR_MODE, exist_ok=True)
+        # O_CREAT without O_TRUNC: an existing database is opened, not emptied.
+        os.close(os.open(data_dir / DB_NAME, os.O_RDWR | os.O_CREAT, FILE_MODE))
     too_open = []
     for path, limit in ((data_dir, DIR_MODE), (data_dir / "files", DIR_MODE), (data_dir / "files" / ".tmp", DIR_MODE),
                         (data_dir / DB_NAME, FILE_MODE), (data_dir / f"{DB_NAME}-wal", FILE_MODE),

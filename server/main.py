@@ -1,7 +1,7 @@
 """``longbatch serve``: flags with LONGBATCH_* fallbacks, signals, shutdown.
 
 Exit codes: 0 after a clean shutdown, 1 when the server could not start
-(port, data dir, database), 2 for bad flags, a bad config or bad TLS files.
+(port, data dir, database unreachable or in use by another server), 2 for bad flags, a bad config or bad TLS files.
 Every start-up failure is one ``error: …`` line on stderr, never a traceback
 (``--log-level DEBUG`` logs it).
 
@@ -26,6 +26,8 @@ from pathlib import Path
 from .app import start_server
 from .config import ConfigError, ServerConfig, load_config
 from .datadir import DataDirInUse, lock_data_dir
+from .pg_server_lock import DatabaseInUse
+from .pg_store import DatabaseUnavailable
 from .tls import CertificateReloader, TlsError, TlsFiles
 
 log = logging.getLogger("longbatch")
@@ -36,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longbatch serve", description="Run the longbatch server.",
         epilog="exit status: 0 after a clean shutdown (SIGTERM, Ctrl-C), 1 when it could not start (port or data "
-               "dir in use, damaged database), 2 for bad flags, a bad config or unusable TLS files",
+               "dir in use, damaged or unreachable database, a database another server uses), 2 for bad flags "
+               "(a --database-url that is not postgresql://), a bad config or unusable TLS files",
     )
     p.add_argument("--host", default=env("LONGBATCH_HOST", "127.0.0.1"),
                    help="address to listen on (LONGBATCH_HOST, default 127.0.0.1)")
@@ -47,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="port of the HTTP API (Gemini REST, /metrics, /healthz) on the same host; 0 picks a free "
                         "one, 'off' disables it (LONGBATCH_HTTP_PORT, default 8080)")
     p.add_argument("--data-dir", type=Path, default=Path(env("LONGBATCH_DATA_DIR", "./longbatch-data")),
-                   help="SQLite database and files (LONGBATCH_DATA_DIR, default ./longbatch-data)")
+                   help="SQLite database and files, or only scratch space with --database-url; one server per "
+                        "data dir, locked (LONGBATCH_DATA_DIR, default ./longbatch-data)")
+    p.add_argument("--database-url", default=env("LONGBATCH_DATABASE_URL") or None, metavar="URL",
+                   help="keep batches, files and events in this PostgreSQL database (postgresql://user:password@"
+                        "host:port/db) instead of SQLite; --data-dir is then scratch space, still locked, so two "
+                        "servers on one machine need different --data-dir. One server per database for now: a "
+                        "second is refused (LONGBATCH_DATABASE_URL)")
     p.add_argument("--config", type=Path, default=Path(c) if (c := env("LONGBATCH_CONFIG")) else None,
                    help="TOML config: models, API keys, limits (LONGBATCH_CONFIG)")
     p.add_argument("--allow-open", action="store_true", default=env("LONGBATCH_ALLOW_OPEN", "") in ("1", "true"),
@@ -79,6 +88,17 @@ def _http_port(value: str) -> int | None:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"must be a port (0-65535; 0 picks a free one) or 'off', got {value!r}")
     return port
+
+
+def database_url_refusal(url: str | None) -> str | None:
+    """Why ``--database-url`` is unusable, in one line (never its password), or None."""
+    if url is None:
+        return None
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in ("postgresql", "postgres"):
+        shown = f"scheme {scheme!r}" if scheme else "no scheme"
+        return f"--database-url must be a postgresql:// or postgres:// URL, got {shown}"
+    return None
 
 
 def _path(value: str | None) -> Path | None:
@@ -183,7 +203,7 @@ async def serve(args: argparse.Namespace) -> int:
         StartupError: anything else kept the server from starting.
     """
     config = load_config(args.config)
-    if (refusal := listen_refusal(args, config)) is not None:
+    if (refusal := listen_refusal(args, config) or database_url_refusal(args.database_url)) is not None:
         print(f"error: {refusal}", file=sys.stderr)
         return 2
     tls = None
@@ -223,7 +243,10 @@ async def _run(config: ServerConfig, args: argparse.Namespace, tls: CertificateR
         # them now and logs the outcome, for an operator who wants to know.
         loop.add_signal_handler(signal.SIGHUP, tls.reload_now)
     try:
-        running = await start_server(config, args.data_dir, args.host, args.port, tls, args.http_port)
+        running = await start_server(config, args.data_dir, args.host, args.port, tls, args.http_port,
+                                     database_url=args.database_url)
+    except (DatabaseUnavailable, DatabaseInUse) as e:
+        raise StartupError(str(e)) from e  # already one line, without the password
     except RuntimeError as e:
         if "bind" not in str(e):
             raise StartupError(f"cannot start: {e}") from e

@@ -41,12 +41,18 @@ MakeServer = Callable[..., Awaitable[ServerHandle]]
 
 @pytest.fixture
 async def make_server(tmp_path: Path) -> AsyncIterator[MakeServer]:
-    """Start servers with a given config; all stop at the end of the test."""
+    """Start servers with a given config; all stop at the end of the test.
+
+    ``database_url`` (tests/pg.py's ``pg_url``, say) puts a server on
+    PostgreSQL; by default it is on SQLite in its data dir.
+    """
     started: list[Running] = []
 
-    async def make(config: ServerConfig | None = None, data_dir: Path | None = None) -> ServerHandle:
+    async def make(config: ServerConfig | None = None, data_dir: Path | None = None,
+                   database_url: str | None = None) -> ServerHandle:
         data = data_dir or tmp_path / f"data{len(started)}"
-        running = await start_server(config or ServerConfig(), data, "127.0.0.1", 0, http_port=0)
+        running = await start_server(config or ServerConfig(), data, "127.0.0.1", 0, http_port=0,
+                                     database_url=database_url)
         started.append(running)
         return ServerHandle(f"127.0.0.1:{running.port}", running.port, data, running)
 
